@@ -1,0 +1,7 @@
+"""Bad input is reported as one line and exit status 2, before any training starts."""
+
+EXIT_BAD_INPUT = 2
+
+
+class UserError(Exception):
+    """A problem with the user's config, data or budget: the message names it and the fix."""

@@ -1,0 +1,20 @@
+"""Full fine-tuning: every parameter trains; the budget is always 100% of the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..models import ModelShapes
+from .base import Method, Plan, Warmup
+
+
+@dataclass
+class FullFT(Method):
+    def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
+        return Plan(target_params=shapes.total_params, achieved_params=shapes.total_params)
+
+    def prepare(self, model: nn.Module, plan: Plan, warmup: Warmup) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

@@ -1,0 +1,66 @@
+"""Where a number came from: config hash, git sha, package versions, device, threads."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "peft", "hydra-core", "lm-eval", "triton", "safetensors", "accelerate",
+            "numpy", "pandas", "wandb")
+REPO = Path(__file__).resolve().parents[1]
+
+# Config keys that do not change what a run computes: left out of the run id.
+NON_SEMANTIC = ("results", "logger")
+
+
+def config_hash(cfg: dict) -> str:
+    semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC}
+    blob = json.dumps(semantic, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def git_info() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    sha = git("rev-parse", "HEAD")
+    return {"sha": sha or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def device_info(device: torch.device) -> dict:
+    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                info["name"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+        except OSError:
+            info["name"] = platform.processor() or None
+    return info
+
+
+def meta_info(device: torch.device) -> dict:
+    return {"git": git_info(), "versions": versions(), "device": device_info(device),
+            "argv": sys.argv, "hostname": platform.node()}

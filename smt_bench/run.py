@@ -1,0 +1,194 @@
+"""One run: validate everything, then load, tune, evaluate and write the result file.
+
+All input checks (config values, budget reachability on meta-device shapes, data files) happen
+before weights load; a failure there raises UserError and nothing is written.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from hydra.errors import InstantiationException
+
+from . import provenance
+from .data.batches import batch_stream, collate, encode
+from .errors import UserError
+from .evaluation.extract import family_of
+from .evaluation.generate import evaluate_generative
+from .methods.base import Warmup
+from .models import meta_shapes
+from .results import SCHEMA_VERSION, finished, run_file, write_json_atomic
+from .trainer import forward_loss, train
+
+
+def _build(node, what: str):
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"cannot build {what} from its config ({str(cause).splitlines()[0]}); check the {what} "
+                        f"group's keys") from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+    return dev
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class Prepared:
+    """Everything validated and decided before any weights load."""
+
+    def __init__(self, cfg: DictConfig):
+        try:
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            raise UserError(f"config value {e.full_key} is required but not set; add {e.full_key}=... "
+                            f"to the command") from None
+        self.cfg = cfg
+        frac = cfg.budget.fraction
+        if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+            raise UserError(f"budget.fraction={frac} is out of range; use a fraction in (0, 1], e.g. 0.01 for 1%")
+        self.container = OmegaConf.to_container(cfg, resolve=True)
+        self.run_id = provenance.config_hash(self.container)
+        self.method = _build(cfg.method, "method")
+        self.source = _build(cfg.model.source, "model")
+        self.data = _build(cfg.data, "data")
+        self.device = _device(cfg.device)
+        tc = cfg.train
+        if tc.max_steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:
+            raise UserError("train.max_steps, train.batch_size and train.grad_accum must be >= 1")
+        self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id)
+        self.shapes = meta_shapes(self.source.hf_config())
+        self.target = round(frac * self.shapes.total_params)
+        self.plan = self.method.plan(self.shapes, self.target)
+        self.splits = self.data.load()
+        if cfg.eval.enabled:
+            for i, rec in enumerate(self.splits.test):
+                try:
+                    family_of(rec["answer"])
+                except ValueError as e:
+                    raise UserError(f"test record {i} ({rec.get('task')}): {e}; fix the test file") from None
+
+
+def execute(cfg: DictConfig) -> dict | None:
+    """Validates (UserError on bad input), then runs; returns the result dict (None if skipped)."""
+    prep = Prepared(cfg)
+    if cfg.results.skip_finished and finished(prep.path):
+        print(f"[smt-bench] {prep.path} already finished; skipping (results.skip_finished=false to rerun)")
+        return None
+    logger = _build(cfg.logger, "logger")
+    created = datetime.now(timezone.utc).isoformat()
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "run_info": {"id": prep.run_id, "created_at": created, "command": " ".join(sys.argv),
+                     "status": "running", "error": None},
+        "config": prep.container,
+        "meta_info": provenance.meta_info(prep.device),
+    }
+    t_wall = time.perf_counter()
+    try:
+        result.update(_run(prep, logger))
+        result["run_info"]["status"] = "finished"
+    except KeyboardInterrupt:
+        result["run_info"].update(status="cancelled", error="KeyboardInterrupt")
+        raise
+    except Exception as e:
+        oom = isinstance(e, torch.OutOfMemoryError)
+        result["run_info"].update(status="oom" if oom else "failed", error=f"{type(e).__name__}: {e}",
+                                  traceback=traceback.format_exc())
+        raise
+    finally:
+        result["run_info"]["wall_time_s"] = time.perf_counter() - t_wall
+        if result["run_info"]["status"] != "running":
+            write_json_atomic(prep.path, result)
+            logger.finish(result.get("summary", {}))
+            print(f"[smt-bench] {result['run_info']['status']}: {prep.path}")
+    return result
+
+
+def _run(prep: Prepared, logger) -> dict:
+    cfg, tc, dev = prep.cfg, prep.cfg.train, prep.device
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    seed_everything(cfg.seed, dev)
+    logger.start(prep.run_id, prep.container)
+    t0 = time.perf_counter()
+    model, tok = prep.source.load(torch.float32)
+    model.to(dev)
+    load_s = time.perf_counter() - t0
+
+    train_ex = encode(prep.splits.train, tok, tc.max_len, tc.train_on_inputs)
+    val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
+    val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
+                   for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
+    stream = batch_stream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed)
+    # the method's own pre-training phase (SMT's warm-up) draws from a separate, seeded stream
+    warm_stream = batch_stream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed + 10_000)
+
+    def warm_batches(n):
+        for _ in range(n):
+            yield {k: v.to(dev) for k, v in next(warm_stream).items()}
+
+    t0 = time.perf_counter()
+    model = prep.method.prepare(model, prep.plan, Warmup(batches=warm_batches, loss=forward_loss))
+    prepare_s = time.perf_counter() - t0
+    trainable = prep.method.trainable_parameters(model)
+    n_trainable = sum(p.numel() for p in trainable)
+    if n_trainable != prep.plan.achieved_params:
+        raise RuntimeError(f"{prep.method.name} planned {prep.plan.achieved_params} trainable params "
+                           f"but the model has {n_trainable}")
+    train_info = train(model, prep.method, stream, val_batches, tc, dev, logger)
+    N = prep.shapes.total_params
+    train_info.update({
+        "trainable_params_target": prep.target,
+        "trainable_params": n_trainable,
+        "trainable_pct_target": 100.0 * prep.target / N,
+        "trainable_pct": 100.0 * n_trainable / N,
+        "base_params": N,
+        "plan": prep.plan.detail,
+        "load_time_s": load_s,
+        "prepare_time_s": prepare_s,
+    })
+    method_report = prep.method.report(model)
+    evaluation = None
+    model = prep.method.merged(model)
+    if cfg.eval.enabled and prep.splits.test:
+        test = prep.splits.test[: cfg.eval.max_examples] if cfg.eval.max_examples else prep.splits.test
+        evaluation = evaluate_generative(model, tok, test, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                         cfg.results.keep_samples)
+        evaluation["model_evaluated"] = "merged"
+        logger.log({f"eval/{k}": v for k, v in evaluation["accuracy"].items()}, tc.max_steps)
+    summary = {
+        "method": prep.method.name, "budget_fraction": cfg.budget.fraction, "seed": cfg.seed,
+        "trainable_params": n_trainable, "trainable_pct": train_info["trainable_pct"],
+        "final_train_loss": train_info["final_train_loss"],
+        "final_val_loss": train_info["val_loss_curve"][-1][1] if train_info["val_loss_curve"] else None,
+        "mean_accuracy": evaluation["mean_accuracy"] if evaluation else None,
+        "tokens_per_s": train_info["tokens_per_s"], "peak_memory_bytes": train_info["peak_memory_bytes"],
+    }
+    return {"train_info": train_info, "method_info": method_report, "eval": evaluation, "summary": summary}

@@ -1,0 +1,115 @@
+"""The shared training loop: generic over methods (it only sees trainable parameters and an optimizer)."""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .memory import PeakMemory, breakdown, saved_activation_bytes
+
+
+def forward_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; fp32 on CPU (bf16 matmuls on CPU are slow and change numerics)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def validation_loss(model, batches, device) -> float | None:
+    if not batches:
+        return None
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast_for(device):
+            loss = forward_loss(model, b)
+        k = int((b["labels"][:, 1:] != -100).sum())
+        tot, n = tot + float(loss) * k, n + k
+    model.train(was)
+    return tot / max(n, 1)
+
+
+def train(model: nn.Module, method, stream, val_batches: list, cfg, device: torch.device, logger) -> dict:
+    """Runs cfg.max_steps optimizer steps; returns losses, timings and memory for the result file."""
+    from transformers import get_scheduler
+
+    params = method.trainable_parameters(model)
+    opt = method.build_optimizer(params, betas=tuple(cfg.betas), eps=cfg.eps)
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
+                          num_training_steps=cfg.max_steps)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    losses, val_curve, step_times, tokens = [], [], [], 0
+    activations: dict = {}
+    mem = PeakMemory(device)
+    mem.start()
+    t_train = time.perf_counter()
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"train {method.name}", dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        _sync(device)
+        t0 = time.perf_counter()
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+            measure = saved_activation_bytes(activations) if step == 1 and micro == 0 else nullcontext()
+            with measure, autocast_for(device):
+                loss = forward_loss(model, batch) / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            step_tokens += int(batch["attention_mask"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {step}")
+        step_times.append(dt)
+        tokens += step_tokens
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+        if step % cfg.log_every == 0:
+            logger.log({"train/loss": step_loss, "train/lr": sched.get_last_lr()[0], "train/tokens_per_s": step_tokens / dt,
+                        **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {})}, step)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+            v = validation_loss(model, val_batches, device)
+            if v is not None:
+                val_curve.append([step, v])
+                logger.log({"val/loss": v}, step)
+    train_s = time.perf_counter() - t_train
+    peak = mem.stop()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return {
+        "steps": cfg.max_steps,
+        "loss_curve": losses,
+        "val_loss_curve": val_curve,
+        "final_train_loss": statistics.fmean(losses[-5:]),
+        "train_time_s": train_s,
+        "median_step_time_s": statistics.median(step_times),
+        "tokens": tokens,
+        "tokens_per_s": tokens / train_s,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": mem.kind,
+        "memory_breakdown_bytes": breakdown(model, params, opt, activations),
+    }
