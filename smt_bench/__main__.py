@@ -43,8 +43,54 @@ def app(cfg: DictConfig) -> None:
         _fail(str(e))
 
 
+def sweep_points(argv: list[str]) -> list[list[str]]:
+    """The override list of every job Hydra will launch for this command line (one if not a sweep)."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    multirun = "-m" in argv or "--multirun" in argv
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hcfg = compose("config", overrides=fixed, return_hydra_config=True)
+        multirun = multirun or hcfg.hydra.mode == RunMode.MULTIRUN
+        params = [f"{k}={v}" for k, v in (hcfg.hydra.sweeper.params or {}).items()]
+    GlobalHydra.instance().clear()
+    if not multirun:
+        return [overrides]
+    parsed = OverridesParser.create().parse_overrides(params + overrides)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def preflight(argv: list[str]) -> None:
+    """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .run import Prepared
+
+    points = sweep_points(argv)
+    for job in points:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=job)
+        try:
+            Prepared(cfg)
+        except UserError as e:
+            swept = " ".join(o for o in job if o not in argv)
+            _fail(f"sweep job {swept}: {e}" if len(points) > 1 else str(e))
+    GlobalHydra.instance().clear()
+
+
 def main() -> None:
-    check_group_choices(sys.argv[1:])
+    argv = sys.argv[1:]
+    check_group_choices(argv)
+    if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
+        preflight(argv)
     app()
 
 
