@@ -13,7 +13,7 @@ from torch import Tensor
 
 __all__ = ["block_weight_grad", "block_adamw_step_", "naive_block_weight_grad"]
 
-_VALID_BLOCK_SIZES = (16, 32, 64, 128, 256)
+TRITON_BLOCK_SIZES = (16, 32, 64, 128, 256)  # what the Triton kernels are written for; torch takes any
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -39,11 +39,11 @@ def _check_range(idx: Tensor, name: str, bound: int) -> None:
 
 
 def check_wgrad_args(dy: Tensor, xs: Tensor, rows: Tensor, slots: Tensor, block_size: int,
-                     validate: bool = True) -> tuple[Tensor, Tensor, int, int]:
+                     validate: bool = True, sizes: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor, int, int]:
     """Returns int64 (rows, slots) on dy's device plus the row- and column-block counts."""
     B = int(block_size)
-    if B not in _VALID_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {_VALID_BLOCK_SIZES}, got {block_size}")
+    if B < 1 or (sizes is not None and B not in sizes):
+        raise ValueError(f"block_size must be one of {sizes or 'the positive integers'}, got {block_size}")
     if dy.dim() != 2 or xs.dim() != 2:
         raise ValueError(f"dy and xs must be 2-D (tokens, features); got {tuple(dy.shape)} and {tuple(xs.shape)}")
     if dy.shape[0] != xs.shape[0]:
@@ -67,13 +67,13 @@ def check_wgrad_args(dy: Tensor, xs: Tensor, rows: Tensor, slots: Tensor, block_
 
 def check_adamw_args(blocks: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
                      weight: Tensor, rows: Tensor, cols: Tensor, step: int,
-                     validate: bool = True) -> tuple[Tensor, Tensor, int]:
+                     validate: bool = True, sizes: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor, int]:
     """Returns int64 (rows, cols) on the blocks' device and the block size."""
     if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
         raise ValueError(f"blocks must be (k, B, B), got {tuple(blocks.shape)}")
     B = blocks.shape[1]
-    if B not in _VALID_BLOCK_SIZES:
-        raise ValueError(f"block size must be one of {_VALID_BLOCK_SIZES}, got {B}")
+    if sizes is not None and B not in sizes:
+        raise ValueError(f"block size must be one of {sizes}, got {B}")
     for name, t in (("blocks", blocks), ("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.shape != blocks.shape:
             raise ValueError(f"{name} must have shape {tuple(blocks.shape)}, got {tuple(t.shape)}")
@@ -128,8 +128,9 @@ def block_weight_grad(dy: Tensor, xs: Tensor, rows: Tensor, slots: Tensor, block
     """
     rows, slots, n_rows, n_slots = check_wgrad_args(dy, xs, rows, slots, block_size, validate)
     B, k, T = int(block_size), rows.numel(), dy.shape[0]
+    acc = torch.promote_types(dy.dtype, torch.float32)  # fp32 at least; float64 stays float64 (tests)
     if k == 0 or T == 0:
-        return torch.zeros((k, B, B), dtype=torch.float32, device=dy.device)
+        return torch.zeros((k, B, B), dtype=acc, device=dy.device)
     a = dy.unflatten(1, (n_rows, B)).index_select(1, rows).permute(1, 2, 0)  # (k, B, T)
     b = xs.unflatten(1, (n_slots, B)).index_select(1, slots).transpose(0, 1)  # (k, T, B)
     if dy.dtype in _HALF and dy.is_cuda:
@@ -137,7 +138,7 @@ def block_weight_grad(dy: Tensor, xs: Tensor, rows: Tensor, slots: Tensor, block
             return torch.bmm(a, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # older torch / unsupported arch
             pass
-    return torch.bmm(a.float(), b.float())
+    return torch.bmm(a.to(acc), b.to(acc))
 
 
 def block_adamw_step_(blocks: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
-from .torch_ops import adamw_scalars, check_adamw_args, check_wgrad_args
+from .torch_ops import TRITON_BLOCK_SIZES, adamw_scalars, check_adamw_args, check_wgrad_args
 
 __all__ = ["block_weight_grad", "block_adamw_step_", "INTERPRETED"]
 
@@ -147,7 +147,7 @@ def block_weight_grad(dy: Tensor, xs: Tensor, rows: Tensor, slots: Tensor, block
     whose order varies run to run; deterministic=True (default: torch's deterministic-algorithms
     flag) writes per-split partials and sums them in a second pass instead.
     """
-    rows, slots, _, _ = check_wgrad_args(dy, xs, rows, slots, block_size, validate)
+    rows, slots, _, _ = check_wgrad_args(dy, xs, rows, slots, block_size, validate, TRITON_BLOCK_SIZES)
     _check_runnable(dy)
     B, k, T = int(block_size), rows.numel(), dy.shape[0]
     if k == 0 or T == 0:
@@ -194,7 +194,8 @@ def block_adamw_step_(blocks: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq
                       validate: bool = True) -> None:
     """AdamW update of all selected blocks and their write-back into the dense weight, one launch:
     each element is read once and written twice (master fp32, weight in its own dtype)."""
-    rows, cols, B = check_adamw_args(blocks, grads, exp_avg, exp_avg_sq, weight, rows, cols, step, validate)
+    rows, cols, B = check_adamw_args(blocks, grads, exp_avg, exp_avg_sq, weight, rows, cols, step, validate,
+                                 TRITON_BLOCK_SIZES)
     _check_runnable(blocks)
     for name, t in (("blocks", blocks), ("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if not t.is_contiguous():

@@ -26,7 +26,7 @@ from .evaluation.generate import evaluate_generative
 from .methods.base import Warmup
 from .models import meta_shapes
 from .results import SCHEMA_VERSION, finished, run_file, write_json_atomic
-from .trainer import forward_loss, train
+from .trainer import autocast_for, forward_loss, train
 
 
 def _build(node, what: str):
@@ -154,8 +154,12 @@ def _run(prep: Prepared, logger) -> dict:
         for _ in range(n):
             yield {k: v.to(dev) for k, v in next(warm_stream).items()}
 
+    def warm_loss(m, batch):
+        with autocast_for(dev):
+            return forward_loss(m, batch)
+
     t0 = time.perf_counter()
-    model = prep.method.prepare(model, prep.plan, Warmup(batches=warm_batches, loss=forward_loss))
+    model = prep.method.prepare(model, prep.plan, Warmup(batches=warm_batches, loss=warm_loss))
     prepare_s = time.perf_counter() - t0
     trainable = prep.method.trainable_parameters(model)
     n_trainable = sum(p.numel() for p in trainable)

@@ -1,0 +1,185 @@
+"""Sparse Matrix Tuning (He et al., 2024): warm-up block scores, global top-k, block-sparse training."""
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ...models import ModelShapes
+from ..base import Method, Plan, Warmup
+from .layer import SharedInput, SMTLinear
+from .optim import BlockAdamW
+from .scoring import SCORES, BlockScorer
+from .selection import SELECTIONS, select
+
+PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+        "down": "down_proj"}
+SIBLINGS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # modules that read one input
+WARMUP_MODES = ("score_only", "update")
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    return next((int(p) for p in parts if p.isdigit()), None)
+
+
+@dataclass
+class SMT(Method):
+    block_size: int = 256
+    warmup_steps: int = 100
+    warmup_mode: str = "score_only"
+    warmup_lr: float = 9.65e-6
+    score: str = "abs_mean"
+    projections: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    selection: str = "global"
+    attn_share: float | None = None
+    kernels: str = "auto"
+    full_input_threshold: float = 0.8
+
+    def __post_init__(self):
+        checks = [("score", self.score, SCORES), ("selection", self.selection, SELECTIONS),
+                  ("warmup_mode", self.warmup_mode, WARMUP_MODES), ("kernels", self.kernels, ("auto", "triton", "torch"))]
+        for key, val, valid in checks:
+            if val not in valid:
+                raise UserError(f"method.{key}={val!r} is not one of {', '.join(valid)}")
+        bad = [p for p in self.projections if p not in PROJ]
+        if bad or not self.projections:
+            raise UserError(f"method.projections={list(self.projections)}: use a non-empty subset of {', '.join(PROJ)}")
+        if self.block_size < 1 or self.warmup_steps < 1:
+            raise UserError("method.block_size and method.warmup_steps must be >= 1")
+        self._layers: dict[str, SMTLinear] = {}
+        self._warmup_info: dict = {}
+
+    # --- planning (shapes only) ---
+    def _eligible(self, shapes: ModelShapes):
+        mats = shapes.select(PROJ[p] for p in self.projections)
+        if not mats:
+            raise UserError(f"method.projections={list(self.projections)} matches no linear layer of this model")
+        B = self.block_size
+        for m in mats:
+            if m.d_out % B or m.d_in % B:
+                g = math.gcd(*[d for x in mats for d in (x.d_out, x.d_in)])
+                valid = [b for b in (8, 16, 32, 64, 128, 256, 512) if g % b == 0]
+                raise UserError(f"block size {B} does not divide {m.name} ({m.d_out}x{m.d_in}); "
+                                f"set method.block_size to one of {valid}")
+        return mats
+
+    def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
+        mats = self._eligible(shapes)
+        B2 = self.block_size ** 2
+        k = round(target_params / B2)
+        total = sum(m.d_out * m.d_in for m in mats) // B2
+        if k < 1:
+            raise UserError(f"budget of {target_params:,} params is below one {self.block_size}x{self.block_size} "
+                            f"block; raise the budget or lower method.block_size")
+        if k > total:
+            raise UserError(f"budget of {target_params:,} params needs {k} blocks but {list(self.projections)} have "
+                            f"only {total} blocks of {self.block_size}x{self.block_size}; lower the budget or add "
+                            f"method.projections")
+        return Plan(target_params, k * B2, {"block_size": self.block_size, "blocks": k, "eligible_blocks": total,
+                                            "eligible_params": total * B2})
+
+    # --- warm-up and selection ---
+    def _warmup(self, model: nn.Module, linears: dict[str, nn.Linear], warmup: Warmup) -> dict[str, torch.Tensor]:
+        score_only = self.warmup_mode == "score_only"
+        for p in model.parameters():
+            p.requires_grad_(not score_only)
+        for l in linears.values():
+            l.weight.requires_grad_(True)
+        scorer = BlockScorer(linears, self.block_size, self.score, free_grads=score_only)
+        opt = None if score_only else torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=self.warmup_lr, weight_decay=0.0)
+        was = model.training
+        model.train()
+        t0 = time.perf_counter()
+        try:
+            for batch in warmup.batches(self.warmup_steps):
+                warmup.loss(model, batch).backward()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        finally:
+            scorer.remove()
+            for p in model.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            model.train(was)
+        self._warmup_info = {"steps": self.warmup_steps, "mode": self.warmup_mode, "score": self.score,
+                             "time_s": time.perf_counter() - t0}
+        return scorer.scores
+
+    def prepare(self, model: nn.Module, plan: Plan, warmup: Warmup) -> nn.Module:
+        from ...kernels import get_backend
+
+        names = {m.name for m in self._eligible(_shapes(model))}
+        linears = {n: m for n, m in model.named_modules() if n in names}
+        scores = self._warmup(model, linears, warmup)
+        chosen = select(scores, plan.detail["blocks"], self.selection, self.attn_share)
+        device = next(model.parameters()).device
+        try:
+            backend = get_backend(self.kernels, device)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        B = self.block_size
+        groups = defaultdict(list)
+        for n, sel in chosen.items():
+            if sel.shape[0]:
+                parent, child = n.rsplit(".", 1)
+                sib = next((tuple(sorted(s)) for s in SIBLINGS if child in s), (child,))
+                groups[(parent, sib)].append(n)
+        self._layers = {}
+        for (parent, _), members in groups.items():
+            union = torch.unique(torch.cat([chosen[n][:, 1] for n in members]))
+            shared = SharedInput(union, linears[members[0]].in_features // B, B, self.full_input_threshold)
+            for n in members:
+                layer = SMTLinear(linears[n], chosen[n][:, 0], chosen[n][:, 1], B, shared, backend)
+                setattr(model.get_submodule(parent), n.rsplit(".", 1)[1], layer)
+                self._layers[n] = layer
+        self._backend = backend
+        return model
+
+    # --- training and after ---
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [l.blocks for l in self._layers.values()]
+
+    def build_optimizer(self, params, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
+        return BlockAdamW(list(self._layers.values()), lr=self.lr, betas=betas, eps=eps,
+                          weight_decay=self.weight_decay)
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        for n, layer in self._layers.items():
+            parent, child = n.rsplit(".", 1)
+            setattr(model.get_submodule(parent), child, layer.to_linear())
+        self._layers = {}
+        return model
+
+    def block_map(self) -> list[list]:
+        return [[_layer_index(n), n.rsplit(".", 1)[1], int(r), int(c)]
+                for n, l in self._layers.items() for r, c in zip(l.rows.tolist(), l.cols.tolist())]
+
+    def report(self, model: nn.Module) -> dict:
+        bmap = self.block_map()
+        per_proj = Counter(b[1] for b in bmap)
+        total = max(len(bmap), 1)
+        return {
+            "kernels_backend": self._backend.name,
+            "warmup": self._warmup_info,
+            "selection": self.selection,
+            "block_size": self.block_size,
+            "block_map_columns": ["layer", "projection", "row_block", "col_block"],
+            "block_map": bmap,
+            "block_share": {PROJ[p]: per_proj.get(PROJ[p], 0) / total for p in self.projections},
+            "saved_input": {n: ("full" if l.shared.keep_full else f"{l.shared.union_cols.numel()} col-blocks")
+                            for n, l in self._layers.items()},
+        }
+
+
+def _shapes(model: nn.Module) -> ModelShapes:
+    from ...models import shapes_of
+
+    return shapes_of(model)
