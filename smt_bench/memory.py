@@ -5,6 +5,7 @@ RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS before training.
 """
 from __future__ import annotations
 
+import ctypes
 import re
 from contextlib import contextmanager
 
@@ -18,25 +19,51 @@ def _status_kb(field: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _malloc_trim() -> None:
+    """Return freed heap to the OS (glibc), so RSS before a phase is live memory, not malloc's cache."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
-    """Measures peak growth between start() and stop() in bytes."""
+    """Peak memory above a baseline, in bytes.
+
+    The baseline is taken once (`mark_baseline`, e.g. right after the model loads) and phases are
+    measured against it (`start` resets the peak, `stop` reads it): a phase that runs after another
+    (SMT's warm-up, then training) is charged for what it holds, not flattered by memory the earlier
+    phase left cached.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda_allocator_peak" if device.type == "cuda" else "cpu_peak_rss_growth"
+        self.base = None
 
-    def start(self):
+    def _current(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        _malloc_trim()
+        return _status_kb("VmRSS") * 1024
+
+    def mark_baseline(self) -> "PeakMemory":
+        self.base = self._current()
+        return self
+
+    def start(self) -> None:
+        current = self._current()
+        if self.base is None:
+            self.base = current
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # resets VmHWM to the current RSS
-            except OSError:
-                self.kind = "cpu_peak_rss_growth(unreset)"
-            self.base = _status_kb("VmRSS") * 1024
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        except OSError:
+            self.kind = "cpu_peak_rss_growth(unreset)"
 
     def stop(self) -> int:
         if self.device.type == "cuda":

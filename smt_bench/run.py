@@ -22,7 +22,8 @@ from . import provenance
 from .data.batches import batch_stream, collate, encode
 from .errors import UserError
 from .evaluation.extract import family_of
-from .evaluation.generate import evaluate_generative
+from .evaluation.generate import capped, evaluate_generative
+from .memory import PeakMemory
 from .methods.base import Warmup
 from .models import meta_shapes
 from .results import SCHEMA_VERSION, finished, run_file, write_json_atomic
@@ -141,6 +142,7 @@ def _run(prep: Prepared, logger) -> dict:
     model, tok = prep.source.load(torch.float32)
     model.to(dev)
     load_s = time.perf_counter() - t0
+    mem = PeakMemory(dev).mark_baseline()  # every method's peak is measured above the loaded model
 
     train_ex = encode(prep.splits.train, tok, tc.max_len, tc.train_on_inputs)
     val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
@@ -166,7 +168,7 @@ def _run(prep: Prepared, logger) -> dict:
     if n_trainable != prep.plan.achieved_params:
         raise RuntimeError(f"{prep.method.name} planned {prep.plan.achieved_params} trainable params "
                            f"but the model has {n_trainable}")
-    train_info = train(model, prep.method, stream, val_batches, tc, dev, logger)
+    train_info = train(model, prep.method, stream, val_batches, tc, dev, logger, mem)
     N = prep.shapes.total_params
     train_info.update({
         "trainable_params_target": prep.target,
@@ -179,10 +181,14 @@ def _run(prep: Prepared, logger) -> dict:
         "prepare_time_s": prepare_s,
     })
     method_report = prep.method.report(model)
+    if cfg.results.export:  # beside the result file, named like it
+        out_dir = prep.path.with_suffix("")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        method_report["exported"] = prep.method.export(model, str(out_dir), cfg.model.name)
     evaluation = None
     model = prep.method.merged(model)
     if cfg.eval.enabled and prep.splits.test:
-        test = prep.splits.test[: cfg.eval.max_examples] if cfg.eval.max_examples else prep.splits.test
+        test = capped(prep.splits.test, cfg.eval.max_examples)  # round-robin: every task keeps a share
         evaluation = evaluate_generative(model, tok, test, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                          cfg.results.keep_samples)
         evaluation["model_evaluated"] = "merged"

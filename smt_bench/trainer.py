@@ -46,8 +46,12 @@ def validation_loss(model, batches, device) -> float | None:
     return tot / max(n, 1)
 
 
-def train(model: nn.Module, method, stream, val_batches: list, cfg, device: torch.device, logger) -> dict:
-    """Runs cfg.max_steps optimizer steps; returns losses, timings and memory for the result file."""
+def train(model: nn.Module, method, stream, val_batches: list, cfg, device: torch.device, logger,
+          mem: PeakMemory | None = None) -> dict:
+    """Runs cfg.max_steps optimizer steps; returns losses, timings and memory for the result file.
+
+    `mem` carries the memory baseline (taken after the model loaded); without one, it is taken here.
+    """
     from transformers import get_scheduler
 
     params = method.trainable_parameters(model)
@@ -60,7 +64,7 @@ def train(model: nn.Module, method, stream, val_batches: list, cfg, device: torc
 
     losses, val_curve, step_times, tokens = [], [], [], 0
     activations: dict = {}
-    mem = PeakMemory(device)
+    mem = mem or PeakMemory(device)
     mem.start()
     t_train = time.perf_counter()
     bar = tqdm(range(1, cfg.max_steps + 1), desc=f"train {method.name}", dynamic_ncols=True, mininterval=1.0)

@@ -40,6 +40,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
+def capped(records, max_examples: int | None) -> list:
+    """At most max_examples records, taken round-robin over tasks (each in file order), so that a
+    capped evaluation still reports every task of a split that is ordered by task."""
+    if not max_examples:
+        return list(records)
+    by_task = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    queues = list(by_task.values())
+    out = []
+    for i in range(max(map(len, queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
+    return out[:max_examples]
+
+
 def evaluate_generative(model, tokenizer, records, max_new_tokens: int = 32, batch_size: int = 16,
                         keep_samples: bool = False) -> dict:
     t0 = time.perf_counter()

@@ -56,6 +56,14 @@ class Method:
         """A plain HF model with the tuning folded in (may be `model` itself)."""
         return model
 
+    def export(self, model: nn.Module, directory, base_model: str) -> list[str]:
+        """Writes the tuned weights (an adapter or delta where the method has one); returns the files."""
+        from safetensors.torch import save_model
+
+        path = f"{directory}/model.safetensors"
+        save_model(model, path)
+        return [path]
+
     def report(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific entries for the result file (e.g. SMT's block map)."""
         return {}

@@ -55,5 +55,9 @@ class LoRA(Method):
                          task_type="CAUSAL_LM")
         return get_peft_model(model, cfg)
 
+    def export(self, model: nn.Module, directory, base_model: str) -> list[str]:
+        model.save_pretrained(directory)  # the peft adapter (adapter_config.json + safetensors)
+        return [f"{directory}/adapter_config.json", f"{directory}/adapter_model.safetensors"]
+
     def merged(self, model: nn.Module) -> nn.Module:
         return model.merge_and_unload()

@@ -151,6 +151,13 @@ class SMT(Method):
         return BlockAdamW(list(self._layers.values()), lr=self.lr, betas=betas, eps=eps,
                           weight_decay=self.weight_decay)
 
+    def export(self, model: nn.Module, directory, base_model: str) -> list[str]:
+        from .export import save_delta
+
+        path = f"{directory}/smt_delta.safetensors"
+        save_delta(self, path, base_model)
+        return [path]
+
     def merged(self, model: nn.Module) -> nn.Module:
         for n, layer in self._layers.items():
             parent, child = n.rsplit(".", 1)
