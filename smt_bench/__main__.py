@@ -1,6 +1,7 @@
 """`python -m smt_bench [overrides]`: the Hydra app. Bad input exits 2 with one line on stderr."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -70,14 +71,21 @@ def preflight(argv: list[str]) -> None:
     """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from .run import Prepared
 
-    points = sweep_points(argv)
-    for job in points:
+    try:  # a misspelled key or an unquoted list would otherwise end in a traceback with exit 1
+        points = sweep_points(argv)
+        cfgs = []
+        for job in points:
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfgs.append(compose("config", overrides=job))
+    except (ConfigCompositionException, OverrideParseException) as e:
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=job)
+        _fail(re.sub(r"\.?\s*\n\s*", "; ", str(e).strip()))
+    for job, cfg in zip(points, cfgs):
         try:
             Prepared(cfg)
         except UserError as e:

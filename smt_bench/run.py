@@ -81,8 +81,8 @@ class Prepared:
         self.data = _build(cfg.data, "data")
         self.device = _device(cfg.device)
         tc = cfg.train
-        if tc.max_steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:
-            raise UserError("train.max_steps, train.batch_size and train.grad_accum must be >= 1")
+        if not all(isinstance(v, int) and v >= 1 for v in (tc.max_steps, tc.batch_size, tc.grad_accum)):
+            raise UserError("train.max_steps, train.batch_size and train.grad_accum must be integers >= 1")
         self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id)
         self.shapes = meta_shapes(self.source.hf_config())
         self.target = round(frac * self.shapes.total_params)

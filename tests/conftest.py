@@ -10,3 +10,77 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# --- shared fixtures -------------------------------------------------------------------------
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The converted SmolLM2 directory (tiny-llama borrows its tokenizer); converts once (~20 s) if missing."""
+    from smt_bench.models import SmolLM2GGUF
+
+    path = SmolLM2GGUF().path()
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    return path
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama_pristine(smollm2_path):
+    from smt_bench.models import TinyLlama
+
+    return TinyLlama().load()
+
+
+@pytest.fixture
+def tiny_llama(_tiny_llama_pristine):
+    """A fresh (model, tokenizer) pair: random-init tiny-llama (fp32, seed 0) and SmolLM2's tokenizer."""
+    model, tok = _tiny_llama_pristine
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer(_tiny_llama_pristine):
+    return _tiny_llama_pristine[1]
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """compose(*overrides, hydra=False) -> the DictConfig `python -m smt_bench <overrides>` would get."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from smt_bench.__main__ import CONF
+
+    def _compose(*overrides, hydra=False):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
+        finally:
+            GlobalHydra.instance().clear()
+
+    return _compose
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """cli(*args, timeout=...) runs `python -m smt_bench args` in a scratch working directory (Hydra
+    writes outputs/ there, not into the repo); the environment, offline settings included, is inherited."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+    def _run(*args, timeout=300):
+        return subprocess.run([sys.executable, "-m", "smt_bench", *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return _run

@@ -1,0 +1,273 @@
+"""The Hydra app: sweeps, config groups, bad input (exit 2, one stderr line, nothing written) and the
+result file of a real run (subprocess `python -m smt_bench` on tiny-llama)."""
+import json
+import math
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from smt_bench.__main__ import CONF, sweep_points
+from smt_bench.methods.base import Method
+from smt_bench.run import Prepared
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_N = 3_219_776  # tiny-llama's parameter count (see test_budget)
+
+
+# --- sweeps ------------------------------------------------------------------------------------
+
+def _fraction_of(job):
+    return [float(o.split("=", 1)[1]) for o in job if o.startswith("budget.fraction=")]
+
+
+def test_budget_sweep_is_one_job_per_budget(compose):
+    jobs = sweep_points(["model=tiny-llama", "method=lora", "budget=sweep"])
+    assert [_fraction_of(j) for j in jobs] == [[0.005], [0.01], [0.02], [0.05]]
+    for job in jobs:
+        assert {"model=tiny-llama", "method=lora", "budget=sweep"} <= set(job)
+        cfg = compose(*job)
+        assert cfg.budget.fraction == _fraction_of(job)[0] and cfg.method.name == "lora"
+
+
+@pytest.mark.parametrize("argv", [["method=full_ft", "budget=sweep"], ["budget=sweep", "method=full_ft"],
+                                  ["-m", "budget=sweep", "method=full_ft", "model=tiny-llama"]])
+def test_full_ft_budget_sweep_is_one_job_at_100_percent(argv, compose):
+    jobs = sweep_points(argv)
+    assert len(jobs) == 1 and _fraction_of(jobs[0]) == [1.0]
+    cfg = compose(*jobs[0])
+    assert (cfg.method.name, cfg.budget.fraction) == ("full_ft", 1.0)
+
+
+def test_sweep_points_of_plain_and_explicit_multiruns():
+    assert sweep_points(["method=lora", "seed=3"]) == [["method=lora", "seed=3"]]
+    jobs = sweep_points(["-m", "method=lora,dora", "seed=0,1"])
+    assert sorted(map(tuple, jobs)) == sorted([("method=lora", "seed=0"), ("method=lora", "seed=1"),
+                                               ("method=dora", "seed=0"), ("method=dora", "seed=1")])
+    jobs = sweep_points(["method=dora", "budget=sweep", "seed=0,1"])  # budget=sweep turns multirun on
+    assert len(jobs) == 8 and {tuple(_fraction_of(j)) for j in jobs} == {(0.005,), (0.01,), (0.02,), (0.05,)}
+
+
+# --- every option of every config group composes ------------------------------------------------
+
+def _group_options():
+    out = []
+    for d in sorted(p for p in CONF.rglob("*") if p.is_dir()):
+        for y in sorted(d.glob("*.yaml")):
+            out.append((d.relative_to(CONF).as_posix(), y.stem))
+    return out
+
+
+GROUP_OPTIONS = _group_options()
+
+
+def test_config_groups_are_all_found():
+    groups = {g for g, _ in GROUP_OPTIONS}
+    assert groups == {"budget", "data", "eval", "hydra/launcher", "logger", "method", "model", "train"}
+    assert {("hydra/launcher", "slurm"), ("hydra/launcher", "local"), ("logger", "wandb"), ("method", "lora"),
+            ("method", "dora"), ("method", "full_ft"), ("budget", "sweep"), ("model", "tiny-llama")} <= set(GROUP_OPTIONS)
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_group_option_composes(group, option, compose):
+    cfg = compose(f"{group}={option}", hydra=True)
+    own = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if group == "hydra/launcher":
+        launcher = get_class(cfg.hydra.launcher._target_)
+        assert launcher.__name__ == {"slurm": "SlurmLauncher", "local": "LocalLauncher"}.get(option, launcher.__name__)
+        for k, v in own.items():
+            if k != "defaults":
+                assert cfg.hydra.launcher[k] == v
+        return
+    node = cfg[group]
+    if group == "method":
+        method = instantiate(node, _convert_="all")
+        assert isinstance(method, Method) and method.name == option and method.lr > 0
+    elif group == "model":
+        assert node.name == option
+        source_cls = get_class(node.source._target_)
+        if "???" not in OmegaConf.to_yaml(node):
+            assert isinstance(instantiate(node.source), source_cls)
+    elif group == "budget":
+        assert node.name == option and 0 < node.fraction <= 1
+        if option == "sweep":
+            assert cfg.hydra.mode.name == "MULTIRUN"
+            assert str(cfg.hydra.sweeper.params["budget.fraction"]) == "0.005,0.01,0.02,0.05"
+        else:
+            assert node.fraction == own.fraction
+    elif group == "data":
+        assert node.name == option
+        if "???" not in OmegaConf.to_yaml(node):
+            assert instantiate(node).load().train
+    elif group == "logger":
+        logger = instantiate(node)
+        assert type(logger).__name__ == {"none": "NullLogger", "wandb": "WandbLogger"}.get(option, type(logger).__name__)
+    else:  # train, eval: plain values, taken as written
+        assert OmegaConf.to_container(node) == OmegaConf.to_container(own)
+
+
+def test_cluster_combination_composes(compose):
+    cfg = compose("hydra/launcher=slurm", "logger=wandb", "method=dora", "budget=sweep", "model=tiny-llama",
+                  "seed=0", hydra=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
+    assert cfg.logger._target_.endswith("WandbLogger") and cfg.method.use_dora is True
+    assert cfg.results.group == "tiny-llama-bundled"
+
+
+def test_wandb_logger_runs_without_an_account(monkeypatch, tmp_path):
+    from smt_bench.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(project="smt-bench-test")
+    logger.start("abc123", {"seed": 0})
+    assert logger.run is not None
+    logger.log({"train/loss": 1.0}, 1)
+    logger.finish({"mean_accuracy": 50.0, "skip": None})
+    assert logger.run is None
+
+
+# --- bad input: exit 2, one line on stderr, nothing under results.dir ---------------------------
+
+def _jsonl_broken(tmp: Path) -> Path:
+    p = tmp / "broken.jsonl"
+    good = json.dumps({"instruction": "Say yes.", "input": "", "output": "yes"})
+    p.write_text(f"{good}\n{good}\n{{\"instruction\": \"Say no.\", \"output\": \"no\"\n{good}\n")
+    return p
+
+
+def _json_list_broken(tmp: Path) -> Path:
+    p = tmp / "broken.json"
+    p.write_text('[\n  {"instruction": "Say yes.", "input": "", "output": "yes"},\n'
+                 '  {"instruction": "Say no.", "input": "", "output": "no"},\n'
+                 '  {"instruction": "Say maybe.", "input": "" "output": "maybe"}\n]\n')
+    return p
+
+
+TINY = ["model=tiny-llama", "device=cpu"]
+BAD = {
+    "unknown-budget": (lambda t: [*TINY, "budget=3pct"], r"unknown budget '3pct'; choose one of: 0\.1pct, .*sweep"),
+    "fraction-0": (lambda t: [*TINY, "budget.fraction=0"], r"budget\.fraction=0 is out of range"),
+    "fraction-1.5": (lambda t: [*TINY, "budget.fraction=1.5"], r"budget\.fraction=1\.5 is out of range"),
+    "fraction-neg": (lambda t: [*TINY, "budget.fraction=-1"], r"budget\.fraction=-1 is out of range"),
+    "missing-data-file": (lambda t: [*TINY, "data=local", f"data.path={t / 'nope.json'}"],
+                          r"data file .*nope\.json does not exist"),
+    "data-path-unset": (lambda t: [*TINY, "data=local"], r"config value data\.path is required"),
+    "malformed-jsonl": (lambda t: [*TINY, "data=local", f"data.path={_jsonl_broken(t)}"],
+                        r"broken\.jsonl: line 3: malformed JSON"),
+    "malformed-json-list": (lambda t: [*TINY, "data=local", f"data.path={_json_list_broken(t)}"],
+                            r"broken\.json: line 4 column \d+: malformed JSON"),
+    "unreachable-rank": (lambda t: [*TINY, "method=lora", "budget.fraction=0.05"],
+                         r"budget of 160,989 params is unreachable for lora .* valid ranks 1\.\.32"),
+    "sweep-one-unreachable": (lambda t: [*TINY, "method=lora", "budget=sweep"],
+                              r"sweep job budget\.fraction=0\.02: budget of 64,396 params is unreachable"),
+    "misspelled-key": (lambda t: [*TINY, "train.max_stepz=3"], r"Could not override 'train\.max_stepz'"),
+    "non-integer-steps": (lambda t: [*TINY, "train.max_steps=abc"], r"must be integers >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path, smollm2_path):
+    make_args, message = BAD[case]
+    results = tmp_path / "results"
+    proc = cli(*make_args(tmp_path), f"results.dir={results}", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("smt-bench: error: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert not results.exists()
+
+
+# --- the result file of one run -----------------------------------------------------------------
+
+RUN = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=4", "train.batch_size=2",
+       "train.max_len=128", "train.eval_every=2", "train.val_batches=1", "data.n_train_per_task=4",
+       "data.n_val_per_task=1", "data.n_test_per_task=2", "eval.max_new_tokens=4", "eval.batch_size=4"]
+
+
+def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose, smollm2_path):
+    results = tmp_path / "results"
+    proc = cli(*RUN, f"results.dir={results}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in results.rglob("*") if p.is_file()]
+    assert len(files) == 1, files  # no temp file left behind
+    path = files[0]
+    assert path.parent == results / "runs" / "tiny-llama-bundled"
+    assert re.fullmatch(r"lora-b0\.005-s0-[0-9a-f]{12}\.json", path.name)
+    r = json.loads(path.read_text())
+
+    info = r["run_info"]
+    assert info["status"] == "finished" and info["error"] is None
+    assert path.name.endswith(f"-{info['id']}.json")
+    assert datetime.fromisoformat(info["created_at"]).tzinfo is not None
+    assert all(a in info["command"] for a in RUN) and info["wall_time_s"] > 0
+
+    # the id is what an in-process Prepared computes for the same command (stable across processes)
+    prep = Prepared(compose(*RUN, f"results.dir={results}"))
+    assert prep.run_id == info["id"] and prep.path == path
+
+    cfg = r["config"]
+    assert (cfg["method"]["name"], cfg["budget"]["fraction"], cfg["seed"]) == ("lora", 0.005, 0)
+    assert cfg["model"]["name"] == "tiny-llama" and cfg["train"]["max_steps"] == 4
+
+    t = r["train_info"]
+    assert t["base_params"] == TINY_N
+    assert t["trainable_params_target"] == round(0.005 * TINY_N) == 16_099
+    assert t["trainable_params"] == 11 * 1408 == prep.plan.achieved_params  # rank 11 is closest
+    assert t["plan"] == {"rank": 11, "lora_alpha": 22.0}
+    assert math.isclose(t["trainable_pct"], 100 * 15_488 / TINY_N)
+    assert len(t["loss_curve"]) == 4 and all(math.isfinite(x) and x > 0 for x in t["loss_curve"])
+    assert [s for s, _ in t["val_loss_curve"]] == [2, 4]
+    for k in ("train_time_s", "median_step_time_s", "load_time_s", "prepare_time_s", "tokens_per_s"):
+        assert t[k] > 0, k
+    assert isinstance(t["peak_memory_bytes"], int) and t["peak_memory_bytes"] >= 0
+    mem = t["memory_breakdown_bytes"]
+    assert mem["gradients"] == 4 * 15_488 and mem["optimizer"] == 8 * 15_488
+    assert mem["weights"] >= 4 * (TINY_N + 15_488) and mem["activations"] > 0
+
+    ev = r["eval"]
+    assert set(ev["accuracy"]) == {"addition", "alphabetical", "arith_check", "largest", "sequence", "vowels"}
+    assert ev["n"] == {task: 2 for task in ev["accuracy"]}
+    assert all(a in (0.0, 50.0, 100.0) for a in ev["accuracy"].values())
+    assert math.isclose(ev["mean_accuracy"], sum(ev["accuracy"].values()) / 6)
+    assert ev["model_evaluated"] == "merged" and ev["protocol"].startswith("generative-first-match")
+    assert r["summary"]["mean_accuracy"] == ev["mean_accuracy"]
+
+    meta = r["meta_info"]
+    sha = meta["git"]["sha"]
+    assert re.fullmatch(r"[0-9a-f]{40}", sha)
+    assert subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=REPO).returncode == 0
+    assert meta["versions"]["torch"] == torch.__version__
+    import peft
+    import transformers
+
+    assert (meta["versions"]["transformers"], meta["versions"]["peft"]) == (transformers.__version__,
+                                                                            peft.__version__)
+    assert meta["device"]["type"] == "cpu" and meta["device"]["torch_threads"] >= 1
+
+    # the same command again: skipped, the file untouched
+    before = path.read_bytes()
+    again = cli(*RUN, f"results.dir={results}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished; skipping" in again.stdout
+    assert [p for p in results.rglob("*") if p.is_file()] == [path] and path.read_bytes() == before
+
+
+def test_run_id_is_stable_and_follows_the_semantic_config(compose, tmp_path, smollm2_path):
+    a = Prepared(compose(*RUN, f"results.dir={tmp_path / 'a'}"))
+    b = Prepared(compose(*RUN, f"results.dir={tmp_path / 'a'}"))
+    assert re.fullmatch(r"[0-9a-f]{12}", a.run_id) and a.run_id == b.run_id and a.path == b.path
+    # where results go and how they are logged do not change what is computed
+    c = Prepared(compose(*RUN, f"results.dir={tmp_path / 'c'}", "logger=wandb"))
+    assert c.run_id == a.run_id and c.path != a.path
+    seeds = {Prepared(compose(*RUN, f"seed={s}", f"results.dir={tmp_path / 'a'}")).run_id for s in (1, 2)}
+    assert len(seeds | {a.run_id}) == 3
+    other = Prepared(compose(*RUN, "train.max_steps=5", f"results.dir={tmp_path / 'a'}"))
+    assert other.run_id != a.run_id
+    assert Prepared(compose(*RUN, "seed=1", f"results.dir={tmp_path / 'a'}")).path.name.startswith("lora-b0.005-s1-")
