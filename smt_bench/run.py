@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from hydra.errors import InstantiationException
 
@@ -71,12 +71,18 @@ class Prepared:
             raise UserError(f"config value {e.full_key} is required but not set; add {e.full_key}=... "
                             f"to the command") from None
         self.cfg = cfg
+        self.method = _build(cfg.method, "method")
+        if self.method.fixed_fraction is not None:
+            # full FT in a mixed sweep: every budget point is the same run, so give it one id
+            with open_dict(cfg):
+                cfg.budget.fraction, cfg.budget.name = self.method.fixed_fraction, "fixed"
         frac = cfg.budget.fraction
-        if not isinstance(frac, (int, float)) or not 0 < frac <= 1:
+        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
             raise UserError(f"budget.fraction={frac} is out of range; use a fraction in (0, 1], e.g. 0.01 for 1%")
+        if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+            raise UserError(f"seed={cfg.seed!r} is not an integer; use e.g. seed=0 (several: -m seed=0,1,2)")
         self.container = OmegaConf.to_container(cfg, resolve=True)
         self.run_id = provenance.config_hash(self.container)
-        self.method = _build(cfg.method, "method")
         self.source = _build(cfg.model.source, "model")
         self.data = _build(cfg.data, "data")
         self.device = _device(cfg.device)

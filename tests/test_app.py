@@ -271,3 +271,17 @@ def test_run_id_is_stable_and_follows_the_semantic_config(compose, tmp_path, smo
     other = Prepared(compose(*RUN, "train.max_steps=5", f"results.dir={tmp_path / 'a'}"))
     assert other.run_id != a.run_id
     assert Prepared(compose(*RUN, "seed=1", f"results.dir={tmp_path / 'a'}")).path.name.startswith("lora-b0.005-s1-")
+
+
+def test_full_ft_in_a_mixed_sweep_is_one_run_id(compose, tmp_path, smollm2_path):
+    """`-m method=lora,full_ft budget=sweep`: the full-FT jobs collapse to one id (the rest are skipped)."""
+    from smt_bench.__main__ import sweep_points
+    from smt_bench.run import Prepared
+
+    jobs = sweep_points(["-m", "method=lora,full_ft", "budget=sweep", "model=tiny-llama"])
+    ft = [j for j in jobs if "method=full_ft" in j]
+    assert len(ft) == 4
+    preps = [Prepared(compose(*j, f"results.dir={tmp_path}")) for j in ft]
+    assert {p.run_id for p in preps} == {preps[0].run_id}
+    assert {p.path for p in preps} == {preps[0].path} and "b1-" in preps[0].path.name
+    assert all(p.target == p.shapes.total_params for p in preps)

@@ -8,7 +8,7 @@ and merged() gives back a plain HF model for evaluation and export.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ class Method:
     name: str
     lr: float
     weight_decay: float = 0.0
+    fixed_fraction: ClassVar[float | None] = None  # a method whose budget is not a choice (full FT: 1.0)
 
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
         raise NotImplementedError

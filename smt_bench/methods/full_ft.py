@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -11,6 +12,7 @@ from .base import Method, Plan, Warmup
 
 @dataclass
 class FullFT(Method):
+    fixed_fraction: ClassVar[float] = 1.0
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
         return Plan(target_params=shapes.total_params, achieved_params=shapes.total_params)
 
