@@ -206,5 +206,6 @@ def _run(prep: Prepared, logger) -> dict:
         "final_val_loss": train_info["val_loss_curve"][-1][1] if train_info["val_loss_curve"] else None,
         "mean_accuracy": evaluation["mean_accuracy"] if evaluation else None,
         "tokens_per_s": train_info["tokens_per_s"], "peak_memory_bytes": train_info["peak_memory_bytes"],
+        **method_report.get("summary", {}),
     }
     return {"train_info": train_info, "method_info": method_report, "eval": evaluation, "summary": summary}

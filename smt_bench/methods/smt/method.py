@@ -181,6 +181,7 @@ class SMT(Method):
             "block_map_columns": ["layer", "projection", "row_block", "col_block"],
             "block_map": bmap,
             "block_share": {PROJ[p]: per_proj.get(PROJ[p], 0) / total for p in self.projections},
+            "summary": {"block_share": {PROJ[p]: per_proj.get(PROJ[p], 0) / total for p in self.projections}},
             "saved_input": {n: ("full" if l.shared.keep_full else f"{l.shared.union_cols.numel()} col-blocks")
                             for n, l in self._layers.items()},
         }
