@@ -1,0 +1,191 @@
+"""Per-cell statistics (mean, 95% t-interval over seeds), plateau detection with a seed bootstrap,
+and the accuracy/memory Pareto front."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .load import GROUPS, MEMORY_PARTS
+
+# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+_Z975 = 1.959964
+
+
+def t975(df: int) -> float:
+    """t_{0.975, df}: the table up to 30, then the Cornish-Fisher expansion (error < 1e-4)."""
+    if df < 1:
+        return math.nan
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = _Z975
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """(mean, 95% t-interval half-width, n) of the finite values; half-width NaN when n < 2."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    m = float(x.mean())
+    if n < 2:
+        return m, math.nan, 1
+    return m, t975(n - 1) * float(x.std(ddof=1)) / math.sqrt(n), n
+
+
+def _mean(values) -> float:
+    x = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(x)) if x else math.nan
+
+
+# --- cells ------------------------------------------------------------------------------------
+def select_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Finished runs, one per (setting, series, budget, seed): a duplicate (same seed again, e.g. a
+    rerun on another device) is dropped, the first by file name kept. Returns (kept, dropped)."""
+    fin = runs[runs["status"] == "finished"].sort_values("file", kind="stable")
+    keys = ["setting_key", "series", "budget_fraction", "seed"]
+    dup = fin.duplicated(keys, keep="first")
+    dropped = []
+    for _, r in fin[dup].iterrows():
+        first = fin[(fin[keys] == r[keys]).all(axis=1)].iloc[0]["file"]
+        dropped.append((r["file"], first))
+    return fin[~dup].reset_index(drop=True), dropped
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (setting, series, budget): n, seeds, accuracy mean ± CI, means of the rest."""
+    rows = []
+    acc_cols = [c for c in runs.columns if c.startswith("acc.")]
+    for (skey, series, frac), g in runs.groupby(["setting_key", "series", "budget_fraction"], sort=True):
+        g = g.sort_values("seed", kind="stable")
+        m, ci, n = mean_ci(g["mean_accuracy"])
+        row = {
+            "setting_key": skey, "setting": g["setting"].iloc[0], "setting_slug": g["setting_slug"].iloc[0],
+            "model": g["model"].iloc[0], "data": g["data"].iloc[0], "protocol": g["protocol"].iloc[0],
+            "method": g["method"].iloc[0], "series": series, "budget_fraction": frac,
+            "budget_pct": 100.0 * frac, "seeds": tuple(int(s) for s in g["seed"]), "n_runs": len(g),
+            "n": n, "acc_mean": m, "acc_ci": ci, "acc_values": tuple(float(v) for v in g["mean_accuracy"]
+                                                                      if np.isfinite(v)),
+        }
+        for col in ("trainable_pct", "trainable_pct_target", "trainable_params", "peak_memory_bytes",
+                    "tokens_per_s", "median_step_time_s", *[f"mem_{p}" for p in MEMORY_PARTS],
+                    *[f"smt_blocks_{p}" for p in GROUPS], "smt_blocks"):
+            row[col] = _mean(g[col])
+        for col in ("tokens_per_s", "median_step_time_s"):
+            row[f"{col}_ci"] = mean_ci(g[col])[1]
+        for col in acc_cols:
+            row[col] = _mean(g[col])
+        row["tasks"] = g["tasks"].iloc[0]
+        row["peak_memory_kind"] = ",".join(sorted(set(g["peak_memory_kind"]) - {""}))
+        row["devices"] = ",".join(sorted({f"{t}:{d}" if d else t for t, d in zip(g["device_type"], g["device_name"])}))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    # ratios against full FT of the same setting (its first series, i.e. the default config)
+    for skey, g in out.groupby("setting_key", sort=True):
+        ft = g[g["method"] == "full_ft"].sort_values(["series", "budget_fraction"], kind="stable")
+        ref = ft.iloc[0] if len(ft) else None
+        for col, name in (("peak_memory_bytes", "mem_ratio"), ("tokens_per_s", "tput_ratio"),
+                          ("median_step_time_s", "step_ratio")):
+            denom = ref[col] if ref is not None else math.nan
+            out.loc[g.index, name] = g[col] / denom if denom and np.isfinite(denom) else math.nan
+        out.loc[g.index, "ft_series"] = ref["series"] if ref is not None else ""
+    return out
+
+
+# --- plateau ----------------------------------------------------------------------------------
+def gains_per_doubling(budgets, means) -> list[float]:
+    """(a_{i+1} - a_i) / log2(b_{i+1} / b_i) for consecutive budgets (accuracy points per doubling)."""
+    return [(means[i + 1] - means[i]) / math.log2(budgets[i + 1] / budgets[i]) for i in range(len(budgets) - 1)]
+
+
+def plateau_index(budgets, means, eps: float) -> int | None:
+    """The smallest j such that every gain per doubling from budget j on is below eps (negative
+    included); None when the last gain is still >= eps ("no plateau in range") or there are fewer
+    than two budgets."""
+    g = gains_per_doubling(budgets, means)
+    for j in range(len(g)):
+        if all(x < eps for x in g[j:]):
+            return j
+    return None
+
+
+@dataclass
+class Plateau:
+    budgets: tuple          # the budget fractions with an accuracy, ascending
+    means: tuple
+    gains: tuple
+    index: int | None       # into budgets; None = no plateau in range
+    ci_low: int | None      # bootstrap 95% interval of the index; len(budgets) stands for "none"
+    ci_high: int | None
+    p_none: float           # share of bootstrap samples with no plateau in range
+    n_boot: int
+
+    @property
+    def budget(self):
+        return None if self.index is None else self.budgets[self.index]
+
+    def label(self, i) -> str:
+        return "none" if i is None or i >= len(self.budgets) else fmt_budget(self.budgets[i])
+
+
+def detect_plateau(cell_rows: pd.DataFrame, eps: float, n_boot: int, rng: np.random.Generator) -> Plateau | None:
+    """Plateau of one series (its cells, any order); None with fewer than two evaluated budgets.
+
+    Bootstrap: each budget's seed accuracies are resampled with replacement, the means recomputed
+    and the plateau found again; the 95% interval is taken over the plateau budget index."""
+    rows = cell_rows[cell_rows["n"] > 0].sort_values("budget_fraction", kind="stable")
+    if len(rows) < 2:
+        return None
+    budgets = tuple(float(b) for b in rows["budget_fraction"])
+    values = [np.asarray(v, dtype=float) for v in rows["acc_values"]]
+    means = tuple(float(v.mean()) for v in values)
+    idx = plateau_index(budgets, means, eps)
+    none = len(budgets)
+    boot = np.empty(n_boot, dtype=int)
+    for b in range(n_boot):
+        m = [float(v[rng.integers(0, len(v), len(v))].mean()) for v in values]
+        j = plateau_index(budgets, m, eps)
+        boot[b] = none if j is None else j
+    if n_boot:
+        lo, hi = (int(q) for q in np.quantile(boot, [0.025, 0.975], method="inverted_cdf"))
+        p_none = float((boot == none).mean())
+    else:
+        lo = hi = None
+        p_none = math.nan
+    return Plateau(budgets, means, tuple(gains_per_doubling(budgets, means)), idx, lo, hi, p_none, n_boot)
+
+
+# --- Pareto -----------------------------------------------------------------------------------
+def pareto_front(memory, accuracy) -> list[bool]:
+    """True where no other point has <= memory and >= accuracy with one of them strict."""
+    pts = list(zip(memory, accuracy))
+    out = []
+    for i, (m, a) in enumerate(pts):
+        if not (np.isfinite(m) and np.isfinite(a)):
+            out.append(False)
+            continue
+        dominated = any(j != i and np.isfinite(m2) and np.isfinite(a2) and m2 <= m and a2 >= a and (m2 < m or a2 > a)
+                        for j, (m2, a2) in enumerate(pts))
+        out.append(not dominated)
+    return out
+
+
+# --- formatting (fixed, so the report is byte-identical) ---------------------------------------
+def fmt_budget(frac: float) -> str:
+    pct = 100.0 * frac
+    return f"{pct:.4g}%"
+
+
+def fmt(x, spec: str = ".1f", missing: str = "—") -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return missing
+    return format(x, spec)

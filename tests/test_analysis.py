@@ -1,0 +1,383 @@
+"""The analysis (python -m smt_bench.analysis) on synthetic result sets written in the run schema."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smt_bench.analysis.load import AnalysisError, load, validate
+from smt_bench.analysis.report import Options, analyze
+from smt_bench.analysis.stats import detect_plateau, mean_ci, plateau_index, t975
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOL = "generative-first-match (LLM-Adapters): Alpaca prompt, greedy, max_new_tokens=32"
+TASKS = ("addition", "vowels")
+CS8 = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+STEMS = ("accuracy_vs_params", "memory", "throughput", "smt_blocks", "pareto")
+N = 3_219_776  # tiny-llama's parameter count
+
+
+# --- synthetic run files ----------------------------------------------------------------------
+def run_doc(method: str, budget: float, seed: int, acc: float | None = None, *, status: str = "finished",
+            model: str = "tiny-llama", data: str = "bundled", tasks=TASKS, max_steps: int = 20,
+            method_extra: dict | None = None, block_map: list | None = None, tokens_per_s: float = 1000.0,
+            peak: float = 4e8, device: str = "AMD EPYC") -> dict:
+    """A result dict shaped like smt_bench.run.execute writes (schema_version 1)."""
+    frac = 1.0 if method == "full_ft" else budget
+    config = {
+        "model": {"name": model, "source": {"_target_": "smt_bench.models.TinyLlama", "hidden_size": 64}},
+        "data": {"name": data, "_target_": "smt_bench.data.bundled.BundledSuite", "seed": 1234},
+        "train": {"max_steps": max_steps, "batch_size": 8, "betas": [0.9, 0.999]},
+        "eval": {"enabled": True, "max_new_tokens": 32, "batch_size": 16, "max_examples": None},
+        "logger": {"_target_": "smt_bench.loggers.NullLogger"},
+        "budget": {"name": "fixed" if method == "full_ft" else f"{100 * budget:g}pct", "fraction": frac},
+        "method": {"_target_": f"smt_bench.methods.{method}", "name": method, "lr": 1e-4, **(method_extra or {})},
+        "seed": seed, "device": "auto", "threads": None,
+        "results": {"dir": "results", "group": f"{model}-{data}"},
+    }
+    run_id = hashlib.sha256(json.dumps([config, status], sort_keys=True).encode()).hexdigest()[:12]
+    doc = {
+        "schema_version": 1,
+        "run_info": {"id": run_id, "created_at": f"2026-01-01T00:00:{seed:02d}+00:00", "command": "x",
+                     "status": status, "error": None if status == "finished" else "RuntimeError: boom | bad",
+                     "wall_time_s": 1.0},
+        "config": config,
+        "meta_info": {"git": {"sha": "abc123", "dirty": False},
+                      "versions": {"python": "3.11.7", "torch": "2.13.0+cpu"},
+                      "device": {"type": "cpu", "name": device, "torch_threads": 2}, "argv": [], "hostname": "h"},
+    }
+    if status != "finished":
+        return doc
+    target = round(frac * N)
+    achieved = target if method in ("full_ft", "smt") else int(target * 0.97)
+    trainable = achieved if method != "full_ft" else N
+    doc["train_info"] = {
+        "steps": max_steps, "loss_curve": [1.0], "val_loss_curve": [[max_steps, 1.0]], "final_train_loss": 1.0,
+        "train_time_s": 10.0, "median_step_time_s": 1000.0 / tokens_per_s, "tokens": 10000,
+        "tokens_per_s": tokens_per_s, "peak_memory_bytes": peak, "peak_memory_kind": "cpu_peak_rss_growth",
+        "memory_breakdown_bytes": {"weights": 1.3e7, "gradients": 4 * trainable, "optimizer": 8 * trainable,
+                                   "activations": 1.7e8, "activations_note": "bytes saved for backward"},
+        "trainable_params_target": target, "trainable_params": trainable,
+        "trainable_pct_target": 100.0 * target / N, "trainable_pct": 100.0 * trainable / N, "base_params": N,
+        "plan": {}, "load_time_s": 0.1, "prepare_time_s": 0.1,
+    }
+    doc["method_info"] = {}
+    if block_map is not None:
+        from collections import Counter
+
+        per = Counter(b[1] for b in block_map)
+        doc["method_info"] = {"kernels_backend": "torch", "block_map_columns": ["layer", "projection", "row_block",
+                                                                                "col_block"],
+                              "block_map": block_map, "block_share": {p: c / len(block_map) for p, c in per.items()}}
+    doc["eval"] = {"protocol": PROTOCOL, "accuracy": {t: acc for t in tasks}, "n": {t: 20 for t in tasks},
+                   "mean_accuracy": acc, "wall_s": 0.1, "model_evaluated": "merged"}
+    doc["summary"] = {"method": method, "mean_accuracy": acc}
+    return doc
+
+
+def write_run(root: Path, doc: dict) -> Path:
+    c = doc["config"]
+    path = (root / "runs" / c["results"]["group"] /
+            f"{c['method']['name']}-b{c['budget']['fraction']:g}-s{c['seed']}-{doc['run_info']['id']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def smt_map(v_per_layer: int = 5) -> list:
+    """2 layers: q 2, k 1, v v_per_layer blocks each."""
+    out = []
+    for layer in range(2):
+        out += [[layer, "q_proj", 0, i] for i in range(2)] + [[layer, "k_proj", 0, 0]]
+        out += [[layer, "v_proj", i % 2, i // 2] for i in range(v_per_layer)]
+    return out
+
+
+BUDGETS = (0.005, 0.01, 0.02, 0.05)
+# SMT: +10 points from 0.5% to 1%, then flat -> plateau from 1%. LoRA: +4 per doubling throughout -> none.
+SMT_ACC = {0.005: 50.0, 0.01: 60.0, 0.02: 60.2, 0.05: 60.3}
+LORA_ACC = {0.005: 40.0, 0.01: 44.0, 0.02: 48.0, 0.05: 48.0 + 4 * math.log2(2.5)}
+NOISE = (-0.3, 0.0, 0.3)
+
+
+def make_results(root: Path) -> Path:
+    res = root / "results"
+    for seed in range(3):
+        for b in BUDGETS:
+            write_run(res, run_doc("smt", b, seed, SMT_ACC[b] + NOISE[seed], block_map=smt_map(),
+                                   tokens_per_s=1200.0, peak=3e8 + 1e9 * b))
+            if not (b == 0.02 and seed == 2):  # a missing seed
+                write_run(res, run_doc("lora", b, seed, LORA_ACC[b] + NOISE[seed], tokens_per_s=900.0,
+                                       peak=3.2e8 + 1e9 * b))
+        write_run(res, run_doc("full_ft", 1.0, seed, 62.0 + NOISE[seed], tokens_per_s=800.0, peak=5e8))
+    write_run(res, run_doc("dora", 0.01, 0, 55.0))  # one budget, one seed
+    write_run(res, run_doc("dora", 0.02, 0, status="oom"))
+    write_run(res, run_doc("lora", 0.02, 2, status="failed"))  # the missing seed failed
+    write_run(res, run_doc("smt", 0.05, 9, status="cancelled"))
+    # bad files: not JSON, wrong schema version, a missing key, a wrong type
+    bad = res / "runs" / "tiny-llama-bundled"
+    (bad / "broken.json").write_text('{"schema_version": 1, "run_info": ')
+    (bad / "future.json").write_text(json.dumps(dict(run_doc("smt", 0.01, 0, 1.0), schema_version=2)))
+    d = run_doc("smt", 0.01, 5, 1.0)
+    del d["train_info"]["tokens_per_s"]
+    (bad / "nokey.json").write_text(json.dumps(d))
+    d = run_doc("smt", 0.01, 6, 1.0)
+    d["eval"]["accuracy"]["vowels"] = "high"
+    (bad / "badtype.json").write_text(json.dumps(d))
+    (res / "bench.json").write_text("[]")  # not under runs/: not a run file
+    return res
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    """One synthetic result set analysed twice (to two output folders)."""
+    root = tmp_path_factory.mktemp("ana")
+    res = make_results(root)
+    warnings = []
+    analyze([str(res)], root / "out1", Options(), warn=warnings.append)
+    analyze([str(res)], root / "out2", Options())
+    return root, res, warnings
+
+
+def _rows(report: str, heading: str) -> list[list[str]]:
+    """The table rows under a '### heading' (cells stripped)."""
+    part = report.split(f"### {heading}\n", 1)[1]
+    rows = []
+    for line in part.splitlines()[2:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("| ") and not line.startswith("| ---"):
+            rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+# --- plateau ----------------------------------------------------------------------------------
+def test_plateau_index_definition():
+    b = [0.005, 0.01, 0.02, 0.05]
+    assert plateau_index(b, [50, 60, 60.2, 60.3], 0.5) == 1
+    assert plateau_index(b, [50, 50.1, 50.2, 50.3], 0.5) == 0            # flat from the start
+    assert plateau_index(b, [50, 52, 54, 56], 0.5) is None                 # still gaining: none in range
+    assert plateau_index(b, [50, 60, 55, 54], 0.5) == 1                    # turning negative counts
+    assert plateau_index(b, [50, 50.1, 50.2, 58], 0.5) is None             # a late jump undoes the plateau
+    assert plateau_index(b[:2], [50, 50.2], 0.5) == 0
+    assert plateau_index(b[:1], [50], 0.5) is None
+    # per doubling: 0.02 -> 0.05 is log2(2.5) = 1.32 doublings, so +0.6 there is +0.45 per doubling
+    assert plateau_index(b, [50, 60, 60.2, 60.8], 0.5) == 1
+    assert plateau_index(b, [50, 60, 60.2, 60.9], 0.5) is None
+
+
+def test_plateau_bootstrap_is_seeded_and_brackets_the_estimate():
+    import pandas as pd
+
+    cells = pd.DataFrame({"budget_fraction": list(BUDGETS), "n": [3] * 4,
+                          "acc_values": [tuple(SMT_ACC[b] + x for x in NOISE) for b in BUDGETS]})
+    a = detect_plateau(cells, 0.5, 200, np.random.default_rng(0))
+    b = detect_plateau(cells, 0.5, 200, np.random.default_rng(0))
+    assert a == b and a.budget == 0.01
+    assert a.ci_low <= a.index <= a.ci_high
+    noisy = cells.assign(acc_values=[(50, 50, 50), (52, 60, 68), (55, 60, 65), (60, 60, 60)])
+    p = detect_plateau(noisy, 0.5, 300, np.random.default_rng(1))
+    assert 0 < p.p_none < 1 and p.ci_high == 4  # "none" lies inside the interval
+
+
+def test_t_interval():
+    m, ci, n = mean_ci([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and ci == pytest.approx(4.3027 * 1.0 / math.sqrt(3), rel=1e-4)
+    assert math.isnan(mean_ci([5.0])[1]) and mean_ci([])[2] == 0
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 30, 31, 60, 200):
+        assert t975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=2e-4)
+
+
+def test_known_plateau_found_and_none_reported(analysed):
+    root, _, _ = analysed
+    report = (root / "out1" / "report.md").read_text()
+    rows = {r[0]: r for r in _rows(report, "Plateau")}
+    assert rows["smt"][1] == "1%"
+    assert rows["lora"][1] == "none in range"
+    assert rows["dora"][1].startswith("n/a")
+    assert "full_ft" not in rows
+    res = {(r[0], r[1]): r for r in _rows(report, "Results")}
+    assert res[("smt", "1%")][-1] == "start" and res[("smt", "0.5%")][-1] == ""
+
+
+# --- runs, seeds, failures, bad files ---------------------------------------------------------
+def test_missing_seeds_and_failed_runs(analysed):
+    root, _, _ = analysed
+    report = (root / "out1" / "report.md").read_text()
+    res = {(r[0], r[1]): r for r in _rows(report, "Results")}
+    assert res[("lora", "2%")][2] == "2 (no s2)" and res[("lora", "1%")][2] == "3"
+    assert res[("dora", "1%")][2:4] == ["1", "55.0"]           # n = 1: no interval
+    assert res[("smt", "1%")][3] == f"60.0 ± {4.3027 * 0.3 / math.sqrt(3):.1f}"
+    assert ("dora", "2%") not in res                             # the OOM run is not in the tables
+    assert res[("full_ft", "100%")][5:8] == ["1.00", "1.00", "1.00"]
+    assert res[("smt", "0.5%")][6] == "1.50"                     # 1200 / 800 tokens/s
+    failed = report.split("## Failed, OOM and cancelled runs\n", 1)[1].split("## ", 1)[0]
+    for status in ("oom", "failed", "cancelled"):
+        assert f"| {status} |" in failed
+    assert "RuntimeError: boom \\| bad" in failed                # a pipe in the error is escaped
+    cells = __import__("pandas").read_csv(root / "out1" / "cells.csv")
+    assert set(cells["method"]) == {"smt", "lora", "dora", "full_ft"}
+    assert int(cells[(cells["method"] == "smt") & (cells["budget_fraction"] == 0.05)]["n"].iloc[0]) == 3
+
+
+def test_malformed_files_reported_not_fatal(analysed):
+    root, _, warnings = analysed
+    report = (root / "out1" / "report.md").read_text()
+    bad = dict((r[0].strip("`"), r[1]) for r in
+               _rows(report.replace("## Files that are not valid runs", "### Bad"), "Bad"))
+    base = "results/runs/tiny-llama-bundled"
+    assert bad[f"{base}/broken.json"].startswith("not valid JSON (line 1")
+    assert bad[f"{base}/future.json"] == "schema_version 2 is not supported (this analysis reads 1)"
+    assert bad[f"{base}/nokey.json"] == "missing key train_info.tokens_per_s"
+    assert bad[f"{base}/badtype.json"] == 'eval.accuracy.vowels="high" is not a finite number'
+    assert len(bad) == 4 and len(warnings) == 4                # bench.json is not a run file
+    assert all(": " in w and "\n" not in w for w in warnings)
+
+
+def test_run_files_found_and_export_folders_skipped(tmp_path):
+    from smt_bench.analysis.load import find_run_files
+
+    res = tmp_path / "results"
+    a = write_run(res, run_doc("lora", 0.01, 0, 50.0))
+    (a.with_suffix("") / "adapter").mkdir(parents=True)             # results.export=true beside the result
+    (a.with_suffix("") / "adapter" / "adapter_config.json").write_text("{}")
+    (a.with_suffix("") / "meta.json").write_text("{}")
+    nested = res / "runs" / "sweep1" / "a" / "smt-b0.01-s0-x.json"   # results.group with a slash
+    nested.parent.mkdir(parents=True)
+    nested.write_text("{}")
+    (a.parent / f".{a.name}.123.tmp").write_text("{}")              # an atomic write in progress
+    (res / "bench.json").write_text("{}")                            # outside runs/
+    found = [d for d, _ in find_run_files([res])]
+    assert found == ["results/runs/sweep1/a/smt-b0.01-s0-x.json", f"results/runs/tiny-llama-bundled/{a.name}"]
+    assert [d for d, _ in find_run_files([res / "runs", res])] == sorted(  # overlapping inputs: each file once
+        [f"runs/tiny-llama-bundled/{a.name}", "runs/sweep1/a/smt-b0.01-s0-x.json"])
+    with pytest.raises(AnalysisError, match="no run files under"):
+        (tmp_path / "empty").mkdir()
+        load([tmp_path / "empty"])
+
+
+def test_validate_accepts_a_real_result_shape():
+    validate(run_doc("smt", 0.01, 0, 50.0, block_map=smt_map()))
+    validate(run_doc("lora", 0.01, 0, status="failed"))
+    d = run_doc("lora", 0.01, 0, 50.0)
+    d["eval"] = None  # eval disabled
+    validate(d)
+
+
+def test_smt_share_v_matters_most(analysed):
+    root, _, _ = analysed
+    report = (root / "out1" / "report.md").read_text()
+    assert '"V matters most" on these runs: **yes**' in report
+    rows = _rows(report, "SMT block share per projection")
+    assert rows[0][:6] == ["smt", "0.5%", "3", "4.0 (25.0%)", "2.0 (12.5%)", "10.0 (62.5%)"] and rows[0][-1] == "v"
+    assert "v 120 (62.5%)" in report  # pooled over 12 runs
+
+
+# --- outputs ----------------------------------------------------------------------------------
+def test_every_figure_produced_and_nonempty(analysed):
+    root, _, _ = analysed
+    figs = root / "out1" / "figures"
+    expected = [figs / "tiny-llama-bundled" / f"{s}.{ext}" for s in STEMS for ext in ("png", "pdf")]
+    expected += [figs / f"published_overlay.{ext}" for ext in ("png", "pdf")]
+    for p in expected:
+        assert p.is_file() and p.stat().st_size > 1000, p
+        assert p.read_bytes()[:4] in (b"\x89PNG", b"%PDF")
+    report = (root / "out1" / "report.md").read_text()
+    for p in expected:  # linked relatively from the report
+        assert f"]({p.relative_to(root / 'out1').as_posix()})" in report
+
+
+def test_report_byte_identical_when_regenerated(analysed):
+    root, _, _ = analysed
+    a, b = root / "out1", root / "out2"
+    assert (a / "report.md").read_bytes() == (b / "report.md").read_bytes()
+    for p in sorted(a.rglob("*")):
+        if p.is_file():  # figures and CSVs too: no dates, fixed formatting
+            assert p.read_bytes() == (b / p.relative_to(a)).read_bytes(), p
+    text = (a / "report.md").read_text()
+    assert "2026-01-01" not in text and str(root) not in text  # no timestamps, no absolute paths
+
+
+def test_provenance_listed(analysed):
+    root, _, _ = analysed
+    report = (root / "out1" / "report.md").read_text()
+    prov = report.split("## Provenance", 1)[1]
+    assert "| `abc123` | 30 | 0 |" in prov and "| cpu | AMD EPYC | 30 |" in prov  # 27 finished + 3 not
+    assert "| torch | 2.13.0+cpu (30) |" in prov
+
+
+def test_published_overlay_only_where_model_and_protocol_match(tmp_path):
+    res = tmp_path / "results"
+    for b, acc in ((0.005, 70.0), (0.01, 75.0)):
+        write_run(res, run_doc("smt", b, 0, acc, model="llama-7b", data="local", tasks=CS8))
+    write_run(res, run_doc("lora", 0.01, 0, 30.0, model="llama-7b", data="local", tasks=("boolq",)))  # 1 task
+    analyze([str(res)], tmp_path / "out", Options(n_boot=10))
+    report = (tmp_path / "out" / "report.md").read_text()
+    pub = report.split("## Published numbers", 1)[1]
+    assert "**no run matches" not in pub and "overlaid on llama-7b · local (eval.tasks=" in pub
+    assert "| llama-7b | commonsense-8 | dora | 32 | 1e-4 | 0.8455 | 78.4 | [1] |" in pub
+    assert "[1] NVlabs/DoRA commonsense_reasoning/README.md" in pub
+    # the boolq-only LoRA run is another setting and is not overlaid
+    from smt_bench.analysis.report import _published_groups, load_published
+    from smt_bench.analysis.stats import cells, select_runs
+
+    loaded = load([str(res)])
+    groups, _ = _published_groups(load_published(None), cells(select_runs(loaded.runs)[0]))
+    assert set(groups[0]["cells"]["method"]) == {"smt"} and len(groups[0]["cells"]) == 2
+
+
+def test_published_not_mixed_when_nothing_matches(analysed):
+    root, _, _ = analysed
+    report = (root / "out1" / "report.md").read_text()
+    assert "**no run matches this model, protocol and task set**" in report
+    assert (root / "out1" / "figures" / "published_overlay.png").stat().st_size > 1000
+
+
+# --- CLI --------------------------------------------------------------------------------------
+def _cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "smt_bench.analysis", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case", ["empty", "missing", "all_bad", "no_out"])
+def test_cli_bad_input_exit_2_nothing_written(tmp_path, case):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "runs").mkdir()
+    (empty / "notes.json").write_text("{}")  # not under runs/: not a run file
+    args = {"empty": [empty, "--out", tmp_path / "out"],
+            "missing": [tmp_path / "nope", "--out", tmp_path / "out"],
+            "all_bad": [tmp_path / "bad", "--out", tmp_path / "out"],
+            "no_out": [empty]}[case]
+    if case == "all_bad":
+        (tmp_path / "bad" / "runs" / "g").mkdir(parents=True)
+        (tmp_path / "bad" / "runs" / "g" / "x.json").write_text("nope")
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    errors = [l for l in r.stderr.splitlines() if "error" in l]
+    assert len(errors) == 1 and errors[0].startswith("smt-bench analysis: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_and_wrapper_write_the_report(tmp_path):
+    res = tmp_path / "results"
+    for seed in range(2):
+        write_run(res, run_doc("smt", 0.01, seed, 50.0 + seed, block_map=smt_map()))
+    (res / "runs" / "tiny-llama-bundled" / "junk.json").write_text("[1, 2")
+    r = _cli(res, "--out", tmp_path / "a", "--bootstrap", "20", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("smt-bench analysis: warning: results/runs/tiny-llama-bundled/junk.json: not valid") == 1
+    r2 = subprocess.run([sys.executable, str(REPO / "scripts" / "analyze.py"), res, "--out", tmp_path / "b",
+                         "--bootstrap", "20"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr
+    assert (tmp_path / "a" / "report.md").read_bytes() == (tmp_path / "b" / "report.md").read_bytes()
