@@ -281,6 +281,45 @@ def test_smt_share_v_matters_most(analysed):
     assert "v 120 (62.5%)" in report  # pooled over 12 runs
 
 
+def test_settings_series_duplicates_no_ft_and_no_eval(tmp_path):
+    """Runs differing in training config are separate settings; a method's own config variants are
+    separate series; a repeated seed is used once; no full FT and no evaluation still give every output."""
+    res = tmp_path / "results"
+    for seed in range(2):
+        for b in (0.01, 0.02):
+            write_run(res, run_doc("smt", b, seed, 50.0 + 100 * b))
+            write_run(res, run_doc("smt", b, seed, 40.0, method_extra={"selection": "per_matrix"}))
+            write_run(res, run_doc("smt", b, seed, 30.0, max_steps=50))
+    dup = run_doc("smt", 0.01, 0, 99.0)
+    dup["config"]["device"] = "cpu"  # same computation, another run id
+    dup["run_info"]["id"] = "dup000000000"
+    write_run(res, dup)
+    noeval = run_doc("lora", 0.01, 0, 1.0)
+    noeval["eval"] = None
+    write_run(res, noeval)
+    loaded = load([res])
+    from smt_bench.analysis.stats import cells as make_cells, select_runs
+
+    kept, dropped = select_runs(loaded.runs)
+    assert len(dropped) == 1 and dropped[0][0].endswith("dup000000000.json")
+    c = make_cells(kept)
+    labels = sorted(set(c["setting"]))
+    assert len(labels) == 3 and all(l.startswith("tiny-llama · bundled (eval.protocol=") for l in labels)
+    assert sum("train.max_steps=50" in l for l in labels) == 1 and sum("no evaluation" in l for l in labels) == 1
+    assert "eval.protocol=generative-first-match (LLM-Ada…," in labels[0]  # long values are cut
+    main = c[c["setting"].str.contains("max_steps=20") & ~c["setting"].str.contains("no evaluation")]
+    assert sorted(set(main["series"])) == ["smt (selection=per_matrix)", "smt (selection=unset)"]
+    assert main[(main["series"] == "smt (selection=unset)") & (main["budget_fraction"] == 0.01)]["acc_mean"].item() == 51.0
+    assert main["mem_ratio"].isna().all()  # no full FT
+    analyze([str(res)], tmp_path / "out", Options(n_boot=20))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.count("No full-FT run in this setting") == 3
+    assert "## Duplicate seeds ignored" in report
+    for slug in ("tiny-llama-bundled-1", "tiny-llama-bundled-2", "tiny-llama-bundled-3"):
+        for stem in STEMS:
+            assert (tmp_path / "out" / "figures" / slug / f"{stem}.png").stat().st_size > 1000
+
+
 # --- outputs ----------------------------------------------------------------------------------
 def test_every_figure_produced_and_nonempty(analysed):
     root, _, _ = analysed

@@ -86,6 +86,10 @@ def _logx(ax):
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _wrap(title: str, width: int = 80) -> str:
+    return textwrap.fill(title, width)
+
+
 def _note(ax, text: str):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True, fontsize=9, color="#555555")
 
@@ -137,7 +141,7 @@ def accuracy_vs_params(cells: pd.DataFrame, plateaus: dict[str, Plateau | None],
         _note(ax, "no evaluated runs in this setting")
     ax.set_xlabel("trainable parameters (% of model, achieved; log scale)")
     ax.set_ylabel("mean accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(_wrap(title))
     return fig
 
 
@@ -173,9 +177,9 @@ def memory(cells: pd.DataFrame, pal: Palette, title: str):
         tick.set_color(pal.color(m))
     kinds = ",".join(sorted(set(",".join(c["peak_memory_kind"]).split(",")) - {""})) if len(c) else ""
     ax.set_ylabel(f"memory, {unit}")
-    ax.set_title(title + (f"\npeak kind: {kinds}" if kinds else ""))
+    ax.set_title(_wrap(title) + (f"\npeak kind: {kinds}" if kinds else ""))
     if len(c):
-        ax.legend(loc="best")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -210,7 +214,7 @@ def throughput(cells: pd.DataFrame, pal: Palette, title: str):
             _note(ax, "no finished runs in this setting")
         ax.set_xlabel("trainable parameters (% of model, log scale)")
         ax.set_ylabel(f"{name}{' / full FT' if ref else ''}")
-    fig.suptitle(title)
+    fig.suptitle(_wrap(title))
     return fig
 
 
@@ -273,7 +277,7 @@ def smt_blocks(cells: pd.DataFrame, maps: dict[tuple[str, float], list[list]], p
         ax.set_title("share per projection", fontsize=8)
     else:
         _note(ax, "no SMT runs with a block map\nin this setting")
-    fig.suptitle(title)
+    fig.suptitle(_wrap(title))
     fig.tight_layout()
     return fig
 
@@ -303,7 +307,7 @@ def pareto(cells: pd.DataFrame, pal: Palette, title: str):
         _note(ax, "no evaluated runs with a measured peak in this setting")
     ax.set_xlabel("peak memory / full FT" if use_ratio else "peak memory (GiB; no full-FT run)")
     ax.set_ylabel("mean accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(_wrap(title))
     return fig
 
 

@@ -305,10 +305,15 @@ def load(inputs: list[str | Path], warn=None) -> Loaded:
     if not rows:
         raise AnalysisError(f"none of the {len(files)} run files is a valid run result "
                             f"(first: {out.bad[0].path}: {out.bad[0].reason})")
+    for row in rows:  # the whole resolved config, flattened (lists as JSON text)
+        for k, v in flatten_config(out.configs[row["file"]]).items():
+            x = json.loads(v)
+            row[f"cfg.{k}"] = v if isinstance(x, (list, dict)) else x
     df = pd.DataFrame(rows)
     acc_cols = sorted(c for c in df.columns if c.startswith("acc."))
-    head = [c for c in df.columns if not c.startswith("acc.")]
-    out.runs = df[head + acc_cols].sort_values("file", kind="stable").reset_index(drop=True)
+    cfg_cols = sorted(c for c in df.columns if c.startswith("cfg."))
+    head = [c for c in df.columns if not c.startswith(("acc.", "cfg."))]
+    out.runs = df[head + acc_cols + cfg_cols].sort_values("file", kind="stable").reset_index(drop=True)
     _assign_settings(out)
     return out
 
@@ -363,14 +368,15 @@ def _assign_settings(loaded: Loaded) -> None:
     df["series"] = series
 
 
-def _label_value(v) -> str:
+def _label_value(v, width: int = 32) -> str:
     if v is None:
         return "unset"
     try:
         x = json.loads(v)
     except (TypeError, ValueError):
-        return str(v)
-    return x if isinstance(x, str) else json.dumps(x)
+        x = str(v)
+    text = x if isinstance(x, str) else json.dumps(x)
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _slug(s: str) -> str:

@@ -122,7 +122,7 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
 
     settings = []
     if len(cells):
-        for skey in sorted(set(cells["setting_key"]), key=lambda k: (cells[cells["setting_key"] == k]["setting"].iloc[0])):
+        for skey in sorted(set(cells["setting_key"]), key=lambda k: (cells[cells["setting_key"] == k]["setting"].iloc[0], k)):
             c = cells[cells["setting_key"] == skey].copy()
             c["pareto"] = pareto_front(c["mem_ratio"].fillna(c["peak_memory_bytes"]).to_numpy(dtype=float),
                                        c["acc_mean"].to_numpy(dtype=float))
@@ -189,7 +189,7 @@ def _header(loaded: Loaded, kept, duplicates, opts: Options) -> list[str]:
         "# smt-bench analysis",
         "",
         f"From {_n(loaded.n_files, 'run file')}: {n_fin} finished, {n_fail} failed/oom/cancelled, {len(loaded.bad)} not "
-        f"readable as a run (listed at the end), {len(duplicates)} duplicate seeds ignored. Figures and tables use "
+        f"readable as a run (listed at the end), {_n(len(duplicates), 'duplicate seed')} ignored. Figures and tables use "
         f"finished runs only: {_n(len(kept), 'run')} in {_n(kept['setting_key'].nunique() if len(kept) else 0, 'setting')}.",
         "",
         "Conventions: accuracy in points (%), mean over seeds ± the 95% Student-t half-width (no interval with one "
