@@ -259,6 +259,10 @@ def test_run_files_found_and_export_folders_skipped(tmp_path):
     assert found == ["results/runs/sweep1/a/smt-b0.01-s0-x.json", f"results/runs/tiny-llama-bundled/{a.name}"]
     assert [d for d, _ in find_run_files([res / "runs", res])] == sorted(  # overlapping inputs: each file once
         [f"runs/tiny-llama-bundled/{a.name}", "runs/sweep1/a/smt-b0.01-s0-x.json"])
+    other = tmp_path / "b" / "results"  # another folder named results: names stay apart
+    b = write_run(other, run_doc("lora", 0.01, 0, 50.0))
+    names = [d for d, _ in find_run_files([res, other])]
+    assert len(names) == 3 and f"{other.as_posix()}/runs/tiny-llama-bundled/{b.name}" in names
     with pytest.raises(AnalysisError, match="no run files under"):
         (tmp_path / "empty").mkdir()
         load([tmp_path / "empty"])

@@ -56,6 +56,7 @@ def find_run_files(inputs: list[str | Path]) -> list[tuple[str, Path]]:
     The display name is the path relative to the input folder, prefixed with that folder's name,
     so the report does not depend on where the results tree sits or on the working directory."""
     found: dict[Path, str] = {}
+    taken: dict[str, Path] = {}
     for raw in inputs:
         root = Path(raw)
         if not root.exists():
@@ -63,7 +64,8 @@ def find_run_files(inputs: list[str | Path]) -> list[tuple[str, Path]]:
         if root.is_file():
             if root.suffix != ".json":
                 raise AnalysisError(f"{raw}: not a .json file; pass a results folder (e.g. results/)")
-            found.setdefault(root.resolve(), root.name)
+            found.setdefault(root.resolve(), root.as_posix())
+            taken.setdefault(root.as_posix(), root.resolve())
             continue
         base = root.resolve()
         for p in sorted(base.rglob("*.json")):
@@ -73,7 +75,12 @@ def find_run_files(inputs: list[str | Path]) -> list[tuple[str, Path]]:
                 continue
             if _in_export_folder(p, base):
                 continue
-            found.setdefault(p.resolve(), "/".join(parts))
+            display = "/".join(parts)
+            if display in taken and taken[display] != p.resolve():  # two inputs with the same folder name
+                display = "/".join((Path(raw).as_posix(),) + rel.parts)
+            if p.resolve() not in found:
+                found[p.resolve()] = display
+                taken[display] = p.resolve()
     return sorted(((d, p) for p, d in found.items()), key=lambda t: (t[0], str(t[1])))
 
 
