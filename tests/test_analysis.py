@@ -205,7 +205,9 @@ def test_known_plateau_found_and_none_reported(analysed):
     assert rows["dora"][1].startswith("n/a")
     assert "full_ft" not in rows
     res = {(r[0], r[1]): r for r in _rows(report, "Results")}
-    assert res[("smt", "1%")][-1] == "start" and res[("smt", "0.5%")][-1] == ""
+    assert res[("smt", "1%")][-1] == "starts here" and res[("smt", "0.5%")][-1] == ""
+    assert res[("lora", "0.5%")][-1] == "none in range" and res[("lora", "1%")][-1] == ""
+    assert res[("dora", "1%")][-1] == "n/a" and res[("full_ft", "100%")][-1] == ""
 
 
 # --- runs, seeds, failures, bad files ---------------------------------------------------------

@@ -248,10 +248,20 @@ def _setting_section(c: pd.DataFrame, plateaus: dict[str, Plateau | None], runs:
     order = sorted(range(len(c)), key=lambda i: (F.method_key(c.iloc[i]["method"]), c.iloc[i]["series"],
                                                  c.iloc[i]["budget_fraction"]))
     seeds_by_series = {s: set(x for t in c[c["series"] == s]["seeds"] for x in t) for s in set(c["series"])}
+    first = {}
+    for i in order:
+        first.setdefault(c.iloc[i]["series"], i)
     for i in order:
         r = c.iloc[i]
         pl = plateaus.get(r["series"])
-        mark = "start" if pl is not None and pl.budget == r["budget_fraction"] else ""
+        if r["series"] not in plateaus:  # full FT
+            mark = ""
+        elif pl is None:
+            mark = "n/a" if first[r["series"]] == i else ""
+        elif pl.index is None:
+            mark = "none in range" if first[r["series"]] == i else ""
+        else:
+            mark = "starts here" if pl.budget == r["budget_fraction"] else ""
         rows.append([r["series"], fmt_budget(r["budget_fraction"]), _seeds_label(r["seeds"], seeds_by_series[r["series"]]),
                      _acc(r["acc_mean"], r["acc_ci"]),
                      f"{_pct(r['trainable_pct'])} / {_pct(r['trainable_pct_target'])}",
