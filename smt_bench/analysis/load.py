@@ -173,9 +173,9 @@ def validate(obj) -> None:
     if ev is not None:
         _get(obj, "eval.protocol", ("str",))
         acc = _get(obj, "eval.accuracy", ("dict",))
-        for task, v in acc.items():
-            if not _is(v, ("number",)):
-                raise SchemaError(f"eval.accuracy.{task}={_short(v)} is not a finite number")
+        for task, v in acc.items():  # null: a task that could not be scored (the mean is then null too)
+            if not _is(v, ("number", "null")):
+                raise SchemaError(f"eval.accuracy.{task}={_short(v)} is not a finite number or null")
         _get(obj, "eval.mean_accuracy", ("number", "null"))
     if _get(obj, "method_info", ("dict",), optional=True):
         bmap = _get(obj, "method_info.block_map", ("list",), optional=True)
