@@ -118,6 +118,11 @@ class SMT(Method):
 
         names = {m.name for m in self._eligible(_shapes(model))}
         linears = {n: m for n, m in model.named_modules() if n in names}
+        B = self.block_size
+        self._eligible_per_proj: dict[str, int] = {}
+        for n, m in linears.items():
+            proj = n.rsplit(".", 1)[1]
+            self._eligible_per_proj[proj] = self._eligible_per_proj.get(proj, 0) + m.weight.numel() // (B * B)
         scores = self._warmup(model, linears, warmup)
         chosen = select(scores, plan.detail["blocks"], self.selection, self.attn_share)
         device = next(model.parameters()).device
@@ -125,7 +130,6 @@ class SMT(Method):
             backend = get_backend(self.kernels, device)
         except ValueError as e:
             raise UserError(str(e)) from None
-        B = self.block_size
         groups = defaultdict(list)
         for n, sel in chosen.items():
             if sel.shape[0]:
@@ -182,6 +186,8 @@ class SMT(Method):
             "block_map": bmap,
             "block_share": {PROJ[p]: per_proj.get(PROJ[p], 0) / total for p in self.projections},
             "summary": {"block_share": {PROJ[p]: per_proj.get(PROJ[p], 0) / total for p in self.projections}},
+            "eligible_blocks": {PROJ[p]: self._eligible_per_proj.get(PROJ[p], 0) for p in self.projections},
+            "selected_blocks": {PROJ[p]: per_proj.get(PROJ[p], 0) for p in self.projections},
             "saved_input": {n: ("full" if l.shared.keep_full else f"{l.shared.union_cols.numel()} col-blocks")
                             for n, l in self._layers.items()},
         }
