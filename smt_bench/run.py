@@ -21,8 +21,7 @@ from hydra.errors import InstantiationException
 from . import provenance
 from .data.batches import batch_stream, collate, encode
 from .errors import UserError
-from .evaluation.extract import family_of
-from .evaluation.generate import capped, evaluate_generative
+from .data.bundled import BundledSuite
 from .memory import PeakMemory
 from .methods.base import Warmup
 from .models import meta_shapes
@@ -94,12 +93,12 @@ class Prepared:
         self.target = round(frac * self.shapes.total_params)
         self.plan = self.method.plan(self.shapes, self.target)
         self.splits = self.data.load()
-        if cfg.eval.enabled:
-            for i, rec in enumerate(self.splits.test):
-                try:
-                    family_of(rec["answer"])
-                except ValueError as e:
-                    raise UserError(f"test record {i} ({rec.get('task')}): {e}; fix the test file") from None
+        self.eval_plan = None
+        if cfg.eval.enabled:  # the suite's tasks, local test files, caps and hub access, checked now
+            from .evaluation.suites import plan_suite
+
+            self.eval_plan = plan_suite(cfg.eval, self.splits.test, isinstance(self.data, BundledSuite),
+                                        cfg.data.name)
 
 
 def execute(cfg: DictConfig) -> dict | None:
@@ -148,6 +147,11 @@ def _run(prep: Prepared, logger) -> dict:
     model, tok = prep.source.load(torch.float32)
     model.to(dev)
     load_s = time.perf_counter() - t0
+    nll_before = None
+    if prep.eval_plan is not None and cfg.eval.forgetting.enabled:  # the base model, before any tuning
+        from .evaluation.forgetting import measure
+
+        nll_before = measure(model, tok, cfg.eval.forgetting.max_tokens)
     mem = PeakMemory(dev).mark_baseline()  # every method's peak is measured above the loaded model
 
     train_ex = encode(prep.splits.train, tok, tc.max_len, tc.train_on_inputs)
@@ -192,19 +196,40 @@ def _run(prep: Prepared, logger) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         method_report["exported"] = prep.method.export(model, str(out_dir), cfg.model.name)
     evaluation = None
-    model = prep.method.merged(model)
-    if cfg.eval.enabled and prep.splits.test:
-        test = capped(prep.splits.test, cfg.eval.max_examples)  # round-robin: every task keeps a share
-        evaluation = evaluate_generative(model, tok, test, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                         cfg.results.keep_samples)
-        evaluation["model_evaluated"] = "merged"
-        logger.log({f"eval/{k}": v for k, v in evaluation["accuracy"].items()}, tc.max_steps)
+    if prep.eval_plan is not None and not cfg.eval.merge:
+        evaluated = "tuned (unmerged)"
+    else:
+        model = prep.method.merged(model)
+        evaluated = "merged"
+    if prep.eval_plan is not None:
+        from .evaluation.forgetting import forgetting_entry, measure
+        from .evaluation.harness import evaluate_suite, write_samples
+
+        ec = cfg.eval
+        evaluation = evaluate_suite(model, tok, prep.eval_plan, batch_size=ec.batch_size,
+                                    max_new_tokens=ec.max_new_tokens, num_beams=ec.num_beams,
+                                    keep_samples=cfg.results.keep_samples)
+        evaluation["model_evaluated"] = evaluated
+        if nll_before is not None:
+            evaluation["forgetting"] = forgetting_entry(nll_before, measure(model, tok, ec.forgetting.max_tokens))
+        samples = evaluation.pop("samples", None)
+        if samples is not None:  # beside the result file, named like it
+            path = prep.path.with_name(prep.path.stem + ".samples.jsonl")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_samples(path, samples)
+            evaluation["samples_file"] = path.name
+        logged = {f"eval/{k}": v for k, v in evaluation["accuracy"].items() if v is not None}
+        if "forgetting" in evaluation:
+            logged["eval/forgetting_nll_delta"] = evaluation["forgetting"]["delta"]
+        logger.log(logged, tc.max_steps)
     summary = {
         "method": prep.method.name, "budget_fraction": cfg.budget.fraction, "seed": cfg.seed,
         "trainable_params": n_trainable, "trainable_pct": train_info["trainable_pct"],
         "final_train_loss": train_info["final_train_loss"],
         "final_val_loss": train_info["val_loss_curve"][-1][1] if train_info["val_loss_curve"] else None,
         "mean_accuracy": evaluation["mean_accuracy"] if evaluation else None,
+        "eval_protocol": evaluation["protocol"] if evaluation else None,
+        "forgetting_nll_delta": (evaluation.get("forgetting") or {}).get("delta") if evaluation else None,
         "tokens_per_s": train_info["tokens_per_s"], "peak_memory_bytes": train_info["peak_memory_bytes"],
         **method_report.get("summary", {}),
     }
