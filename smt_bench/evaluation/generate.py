@@ -1,4 +1,6 @@
-"""Greedy generation on a test split with left padding, accuracy per task.
+"""Greedy generation on a test split with left padding, accuracy per task: the plain reference
+loop of the generative protocol. Runs score through lm-eval (harness.py); the tests check that
+lm-eval generates and scores exactly what this loop does.
 
 Left padding plus the attention mask keeps batched generation identical to batch 1
 (LLM-Adapters#61 is what happens without them).
