@@ -74,7 +74,7 @@ class Prepared:
         if self.method.fixed_fraction is not None:
             # full FT in a mixed sweep: every budget point is the same run, so give it one id
             with open_dict(cfg):
-                cfg.budget.fraction, cfg.budget.name = self.method.fixed_fraction, "fixed"
+                cfg.budget.fraction = self.method.fixed_fraction
         frac = cfg.budget.fraction
         if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
             raise UserError(f"budget.fraction={frac} is out of range; use a fraction in (0, 1], e.g. 0.01 for 1%")

@@ -94,7 +94,9 @@ def test_every_group_option_composes(group, option, compose):
         if "???" not in OmegaConf.to_yaml(node):
             assert isinstance(instantiate(node.source), source_cls)
     elif group == "budget":
-        assert node.name == option and 0 < node.fraction <= 1
+        assert set(node) == {"fraction"} and 0 < node.fraction <= 1  # only the fraction: one id per budget
+        if option.endswith("pct"):
+            assert node.fraction == pytest.approx(float(option[:-3]) / 100)
         if option == "sweep":
             assert cfg.hydra.mode.name == "MULTIRUN"
             assert str(cfg.hydra.sweeper.params["budget.fraction"]) == "0.005,0.01,0.02,0.05"
