@@ -288,6 +288,32 @@ def test_smt_share_v_matters_most(analysed):
     rows = _rows(report, "SMT block share per projection")
     assert rows[0][:6] == ["smt", "0.5%", "3", "4.0 (25.0%)", "2.0 (12.5%)", "10.0 (62.5%)"] and rows[0][-1] == "v"
     assert "v 120 (62.5%)" in report  # pooled over 12 runs
+    assert "Selected blocks as a share of the blocks each projection offers" not in report  # no eligible_blocks
+
+
+def test_smt_rate_per_eligible_block(tmp_path):
+    """Rates divide by what each projection offers; an eligible projection never chosen shows 0% in the
+    table and gets a heatmap column; a saturated projection reads 100%."""
+    from smt_bench.analysis.figures import block_counts
+
+    res = tmp_path / "results"
+    for seed in range(2):
+        d = run_doc("smt", 0.01, seed, 50.0, block_map=smt_map())  # per run: q 4, k 2, v 10, o 0
+        d["method_info"]["eligible_blocks"] = {"q_proj": 8, "k_proj": 4, "v_proj": 10, "o_proj": 8}
+        write_run(res, d)
+    analyze([str(res)], tmp_path / "out", Options())
+    report = (tmp_path / "out" / "report.md").read_text()
+    part = report.split("Selected blocks as a share of the blocks each projection offers", 1)[1]
+    table = [ln for ln in part.splitlines() if ln.startswith("| smt")]
+    assert table == ["| smt | 1% | 2 | 50.0% of 8 | 50.0% of 4 | 100.0% of 10 | 0.0% of 8 |"]
+    assert "pooled over 2 SMT runs that record `eligible_blocks`: q 50.0%, k 50.0%, v 100.0%, o 0.0%; " \
+           "most selected: v." in report
+    mat, cols, layers = block_counts([smt_map()], {"q", "k", "v", "o"})
+    assert cols == ["q", "k", "v", "o"] and layers == 2 and mat[:, 3].sum() == 0 and mat[0].tolist() == [2, 1, 5, 0]
+    bad = run_doc("smt", 0.01, 0, 50.0, block_map=smt_map())
+    bad["method_info"]["eligible_blocks"] = {"q_proj": 1.5}
+    with pytest.raises(ValueError, match=r"method_info.eligible_blocks.q_proj=1.5 is not an integer"):
+        validate(bad)
 
 
 def test_settings_series_duplicates_no_ft_and_no_eval(tmp_path):

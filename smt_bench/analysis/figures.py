@@ -219,9 +219,10 @@ def throughput(cells: pd.DataFrame, pal: Palette, title: str):
 
 
 # --- 4. SMT block map -------------------------------------------------------------------------
-def block_counts(block_maps: list[list]) -> tuple[np.ndarray, list[str], int]:
-    """Mean count matrix (layers x projections) over runs, the projection columns, the layer count."""
-    projs = set()
+def block_counts(block_maps: list[list], eligible=()) -> tuple[np.ndarray, list[str], int]:
+    """Mean count matrix (layers x projections) over runs, the projection columns, the layer count.
+    Eligible projections get a column even when no block of theirs was chosen (a zero is a finding)."""
+    projs = set(eligible)
     layers = 0
     for bmap in block_maps:
         for layer, proj, *_ in bmap:
@@ -237,12 +238,15 @@ def block_counts(block_maps: list[list]) -> tuple[np.ndarray, list[str], int]:
     return mat / max(len(block_maps), 1), cols, layers
 
 
-def smt_blocks(cells: pd.DataFrame, maps: dict[tuple[str, float], list[list]], pal: Palette, title: str):
-    """maps: (series, budget) -> block maps of its runs. Heatmaps per (series, budget) + share bars."""
+def smt_blocks(cells: pd.DataFrame, maps: dict[tuple[str, float], list[list]], pal: Palette, title: str,
+               eligible: dict[tuple[str, float], set] | None = None):
+    """maps: (series, budget) -> block maps of its runs; eligible: -> short names of the projections SMT could
+    select. Heatmaps per (series, budget) + share bars."""
     smt_cells = cells[cells["smt_blocks"].notna() & (cells["smt_blocks"] > 0)].sort_values(
         ["series", "budget_fraction"], kind="stable")
     keys = [(s, b) for s, b in zip(smt_cells["series"], smt_cells["budget_fraction"]) if (s, b) in maps]
-    n_panels = len(keys) + 1
+    has_rate = bool(len(smt_cells)) and smt_cells[[f"smt_eligible_{g}" for g in GROUPS]].fillna(0).to_numpy().sum() > 0
+    n_panels = len(keys) + 1 + has_rate
     ncols = min(4, n_panels)
     nrows = math.ceil(n_panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols + 0.6, 3.3 * nrows), squeeze=False)
@@ -250,7 +254,7 @@ def smt_blocks(cells: pd.DataFrame, maps: dict[tuple[str, float], list[list]], p
     for ax in flat[n_panels:]:
         ax.set_visible(False)
     for ax, (series, budget) in zip(flat, keys):
-        mat, cols, layers = block_counts(maps[(series, budget)])
+        mat, cols, layers = block_counts(maps[(series, budget)], (eligible or {}).get((series, budget), ()))
         im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest", origin="lower")
         ax.set_xticks(range(len(cols)), cols)
         ax.set_ylabel("layer")
@@ -259,27 +263,37 @@ def smt_blocks(cells: pd.DataFrame, maps: dict[tuple[str, float], list[list]], p
         n = len(maps[(series, budget)])
         ax.set_title(f"{series} {fmt_budget(budget)}\nblocks per run (mean of {n})", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax = flat[len(keys)]
-    if len(smt_cells):
-        labels = [f"{s}\n{fmt_budget(b)}" for s, b in zip(smt_cells["series"], smt_cells["budget_fraction"])]
-        x = np.arange(len(smt_cells))
-        width = 0.8 / len(GROUPS)
-        shades = {"q": "#9ecae1", "k": "#6baed6", "v": "#2ca02c", "o": "#fdae6b", "mlp": "#bdbdbd"}
-        for i, g in enumerate(GROUPS):
-            share = (smt_cells[f"smt_blocks_{g}"] / smt_cells["smt_blocks"]).to_numpy(dtype=float)
-            if np.nan_to_num(share).sum() == 0:
-                continue
-            ax.bar(x + (i - (len(GROUPS) - 1) / 2) * width, share, width, color=shades[g], label=g)
-        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
-        ax.set_ylabel("share of selected blocks")
-        ax.set_ylim(0, 1)
-        ax.legend(loc="best", title="projection")
-        ax.set_title("share per projection", fontsize=8)
+    if not len(smt_cells):
+        _note(flat[len(keys)], "no SMT runs with a block map\nin this setting")
     else:
-        _note(ax, "no SMT runs with a block map\nin this setting")
+        _group_bars(flat[len(keys)], smt_cells, "smt_blocks", "share of selected blocks", "share per projection")
+        if has_rate:
+            _group_bars(flat[len(keys) + 1], smt_cells, "smt_eligible", "selected / eligible blocks",
+                        "rate per projection (size-fair)")
     fig.suptitle(_wrap(title))
     fig.tight_layout()
     return fig
+
+
+def _group_bars(ax, smt_cells: pd.DataFrame, denominator: str, ylabel: str, title: str):
+    """Bars per projection group for each SMT cell: selected blocks over the total (share) or over the
+    group's own eligible blocks (rate)."""
+    labels = [f"{s}\n{fmt_budget(b)}" for s, b in zip(smt_cells["series"], smt_cells["budget_fraction"])]
+    x = np.arange(len(smt_cells))
+    width = 0.8 / len(GROUPS)
+    shades = {"q": "#9ecae1", "k": "#6baed6", "v": "#2ca02c", "o": "#fdae6b", "mlp": "#bdbdbd"}
+    for i, g in enumerate(GROUPS):
+        den = smt_cells[denominator] if denominator == "smt_blocks" else smt_cells[f"{denominator}_{g}"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = (smt_cells[f"smt_blocks_{g}"] / den.where(den > 0)).to_numpy(dtype=float)
+        if np.nan_to_num(value).sum() == 0 and not (denominator != "smt_blocks" and (den > 0).any()):
+            continue
+        ax.bar(x + (i - (len(GROUPS) - 1) / 2) * width, value, width, color=shades[g], label=g)
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), title="projection", fontsize=7, title_fontsize=7)
+    ax.set_title(title, fontsize=8)
 
 
 # --- 5. Pareto --------------------------------------------------------------------------------

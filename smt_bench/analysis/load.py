@@ -186,6 +186,10 @@ def validate(obj) -> None:
         for p, v in (share or {}).items():
             if not _is(v, ("number",)):
                 raise SchemaError(f"method_info.block_share.{p}={_short(v)} is not a finite number")
+        eligible = _get(obj, "method_info.eligible_blocks", ("dict",), optional=True)
+        for p, v in (eligible or {}).items():
+            if not _is(v, ("int",)):
+                raise SchemaError(f"method_info.eligible_blocks.{p}={_short(v)} is not an integer")
 
 
 # --- flattening -------------------------------------------------------------------------------
@@ -252,6 +256,10 @@ def flatten(obj: dict, file: str) -> dict:
         row[f"smt_share_{g}"] = counts.get(g, 0) / total if total else math.nan
         row[f"smt_blocks_{g}"] = counts.get(g, 0) if total else math.nan
     row["smt_blocks"] = total if total else math.nan
+    eligible = smt_eligible(mi) if total else {}
+    for g in GROUPS:  # NaN: the run does not say what was eligible (older runs)
+        row[f"smt_eligible_{g}"] = eligible.get(g, 0) if eligible else math.nan
+    row["smt_eligible_projections"] = ";".join(sorted({short_projection(p) for p in mi.get("eligible_blocks") or {}}))
     row["kernels_backend"] = mi.get("kernels_backend") if isinstance(mi.get("kernels_backend"), str) else ""
     git = meta.get("git") or {}
     dev = meta.get("device") or {}
@@ -275,6 +283,16 @@ def smt_counts(method_info: dict) -> dict[str, float]:
     for p, v in share.items():  # fractions only: scaled to a total of 1
         g = PROJ_GROUP.get(short_projection(p), short_projection(p))
         counts[g] = counts.get(g, 0) + float(v)
+    return counts
+
+
+def smt_eligible(method_info: dict) -> dict[str, int]:
+    """Blocks SMT could choose from, per projection group: the denominator that undoes the size bias of raw
+    counts (with grouped-query attention k and v offer fewer blocks than q)."""
+    counts: dict[str, int] = {}
+    for p, n in (method_info.get("eligible_blocks") or {}).items():
+        g = PROJ_GROUP.get(short_projection(p), short_projection(p))
+        counts[g] = counts.get(g, 0) + int(n)
     return counts
 
 

@@ -28,7 +28,8 @@ FIGURES = (  # (stem, title, caption) per setting
      "Training tokens/s and median step time, each divided by full FT's (mean ± 95% CI over seeds)."),
     ("smt_blocks", "SMT block map",
      "Selected blocks per layer and projection (mean per run) for each SMT budget, and the share of selected "
-     "blocks per projection (q, k, v, o, mlp = gate+up+down)."),
+     "blocks per projection (q, k, v, o, mlp = gate+up+down); where runs record what was eligible, also each "
+     "projection's selected / eligible rate, which does not favour the projections that offer more blocks."),
     ("pareto", "Accuracy vs peak memory (Pareto front)",
      "Each point is one method and budget (mean over seeds); the dotted step line joins the runs no other run "
      "beats on both accuracy and peak memory."),
@@ -142,15 +143,17 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
         for skey, c, plateaus in settings:
             slug, label = c["setting_slug"].iloc[0], c["setting"].iloc[0]
             runs = kept[kept["setting_key"] == skey]
-            maps = {}
-            for f, s, b in zip(runs["file"], runs["series"], runs["budget_fraction"]):
+            maps, eligible = {}, {}
+            for f, s, b, e in zip(runs["file"], runs["series"], runs["budget_fraction"],
+                                  runs["smt_eligible_projections"]):
                 if f in loaded.block_maps:
                     maps.setdefault((s, b), []).append(loaded.block_maps[f])
+                    eligible.setdefault((s, b), set()).update(p for p in e.split(";") if p)
             made = {
                 "accuracy_vs_params": F.accuracy_vs_params(c, plateaus, pal, label),
                 "memory": F.memory(c, pal, label),
                 "throughput": F.throughput(c, pal, label),
-                "smt_blocks": F.smt_blocks(c, maps, pal, label),
+                "smt_blocks": F.smt_blocks(c, maps, pal, label, eligible),
                 "pareto": F.pareto(c, pal, label),
             }
             for stem, fig in made.items():
@@ -336,9 +339,35 @@ def _smt_section(c: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     out += [f"\"V matters most\" on these runs: {verdict}. Selected blocks pooled over {_n(len(srun), 'SMT run')}: "
             f"{counts_txt}; v leads alone in {v_top} of {len(sc)} budget cells.",
             "Counts are raw, not divided by how many blocks each projection offers (with grouped-query attention "
-            "k and v are smaller than q), and only the projections SMT was allowed to select appear."
+            "k and v are smaller than q), and only projections with a selected block appear."
             + (" Some runs carry only `block_share` (no `block_map`): their counts are shares." if from_share else ""),
             ""]
+    return out + _smt_rate_section(sc, srun)
+
+
+def _smt_rate_section(sc: pd.DataFrame, srun: pd.DataFrame) -> list[str]:
+    """Selected / eligible per projection group: the size-fair reading of the share table. A projection
+    whose rate nears 100% is saturated, so its share of a larger budget must fall."""
+    groups = [g for g in GROUPS if sc[f"smt_eligible_{g}"].fillna(0).sum() > 0]
+    known = srun[srun[[f"smt_eligible_{g}" for g in GROUPS]].notna().any(axis=1)]
+    if not groups or not len(known):
+        return []
+    rows = []
+    for _, r in sc.iterrows():
+        cells = []
+        for g in groups:
+            sel, elig = r[f"smt_blocks_{g}"], r[f"smt_eligible_{g}"]
+            cells.append(f"{100 * sel / elig:.1f}% of {elig:g}" if elig > 0 else "")
+        rows.append([r["series"], fmt_budget(r["budget_fraction"]), str(r["n_runs"])] + cells)
+    out = ["Selected blocks as a share of the blocks each projection offers (mean per run):", ""]
+    out += _table(["method", "budget", "runs"] + groups, rows)
+    rate = {g: float(known[f"smt_blocks_{g}"].fillna(0).sum()) / float(known[f"smt_eligible_{g}"].sum())
+            for g in groups if known[f"smt_eligible_{g}"].sum() > 0}
+    top = max(rate.values())
+    leaders = [g for g in rate if rate[g] == top]
+    out += [f"Per eligible block, pooled over {_n(len(known), 'SMT run')} that record `eligible_blocks`: "
+            + ", ".join(f"{g} {100 * rate[g]:.1f}%" for g in rate)
+            + f"; most selected: {'='.join(leaders)}.", ""]
     return out
 
 

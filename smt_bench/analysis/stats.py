@@ -76,7 +76,8 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         }
         for col in ("trainable_pct", "trainable_pct_target", "trainable_params", "peak_memory_bytes",
                     "tokens_per_s", "median_step_time_s", *[f"mem_{p}" for p in MEMORY_PARTS],
-                    *[f"smt_blocks_{p}" for p in GROUPS], "smt_blocks"):
+                    *[f"smt_blocks_{p}" for p in GROUPS], "smt_blocks",
+                    *[f"smt_eligible_{p}" for p in GROUPS]):
             row[col] = _mean(g[col])
         for col in ("tokens_per_s", "median_step_time_s"):
             row[f"{col}_ci"] = mean_ci(g[col])[1]
