@@ -1,7 +1,6 @@
 """`python -m smt_bench [overrides]`: the Hydra app. Bad input exits 2 with one line on stderr."""
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -9,8 +8,10 @@ import hydra
 from omegaconf import DictConfig
 
 from .errors import EXIT_BAD_INPUT, UserError
+from .schema.store import register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+register()  # the config schema, before Hydra composes anything
 
 
 def _fail(msg: str):
@@ -67,15 +68,19 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
     return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def preflight(argv: list[str]) -> None:
-    """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input)."""
+def preflight(argv: list[str]) -> list:
+    """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input);
+    returns the jobs (their own overrides, result file, and whether it was finished already)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
+    from .results import finished
     from .run import Prepared
+    from .schema.validate import error_line
+    from .summary import Job
 
-    try:  # a misspelled key or an unquoted list would otherwise end in a traceback with exit 1
+    try:  # a mistyped value or key, or an unquoted list, would otherwise end in a traceback with exit 1
         points = sweep_points(argv)
         cfgs = []
         for job in points:
@@ -84,22 +89,33 @@ def preflight(argv: list[str]) -> None:
                 cfgs.append(compose("config", overrides=job))
     except (ConfigCompositionException, OverrideParseException) as e:
         GlobalHydra.instance().clear()
-        _fail(re.sub(r"\.?\s*\n\s*", "; ", str(e).strip()))
+        _fail(error_line(e))
+    jobs = []
     for job, cfg in zip(points, cfgs):
+        swept = [o for o in job if o not in argv]
         try:
-            Prepared(cfg)
+            prep = Prepared(cfg)
         except UserError as e:
-            swept = " ".join(o for o in job if o not in argv)
-            _fail(f"sweep job {swept}: {e}" if len(points) > 1 else str(e))
+            _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
+        jobs.append((Job(swept, prep.path, finished(prep.path)), str(cfg.results.dir)))
     GlobalHydra.instance().clear()
+    return jobs
 
 
 def main() -> None:
     argv = sys.argv[1:]
     check_group_choices(argv)
-    if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
-        preflight(argv)
-    app()
+    if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
+        app()
+        return
+    jobs = preflight(argv)
+    try:
+        app()
+    finally:
+        if len(jobs) > 1:
+            from .summary import sweep_table
+
+            print(sweep_table([j for j, _ in jobs], [d for _, d in jobs]), flush=True)
 
 
 if __name__ == "__main__":

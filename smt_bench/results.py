@@ -6,7 +6,34 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 SCHEMA_VERSION = 1
+
+
+def probe_writable(directory: Path, key: str = "results.dir", value=None) -> None:
+    """Create and remove a temporary file in `directory` (a run's result, samples and exports go there),
+    so an unwritable location fails before any work; folders made for the probe are removed again."""
+    directory = Path(directory)
+    made, d = [], directory
+    while not d.exists() and d != d.parent:
+        made.append(d)
+        d = d.parent
+    try:
+        for m in reversed(made):
+            m.mkdir()
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{key}={value if value is not None else directory}: cannot write in {directory} "
+                        f"({e.strerror or type(e).__name__}); set {key} to a folder you can write to") from None
+    finally:
+        for m in made:
+            try:
+                m.rmdir()
+            except OSError:
+                pass
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -25,7 +25,9 @@ from .data.bundled import BundledSuite
 from .memory import PeakMemory
 from .methods.base import Warmup
 from .models import meta_shapes
-from .results import SCHEMA_VERSION, finished, run_file, write_json_atomic
+from .results import SCHEMA_VERSION, finished, probe_writable, run_file, write_json_atomic
+from .schema.validate import validate
+from .summary import run_line
 from .trainer import autocast_for, forward_loss, train
 
 
@@ -41,14 +43,15 @@ def _build(node, what: str):
 
 
 def _device(name: str) -> torch.device:
+    """The schema checked the name; this checks that the machine has it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+        raise UserError(f"device={name}: CUDA is not available here; use device=cpu or device=auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                        f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -69,6 +72,7 @@ class Prepared:
         except MissingMandatoryValue as e:
             raise UserError(f"config value {e.full_key} is required but not set; add {e.full_key}=... "
                             f"to the command") from None
+        validate(cfg)  # every key's type and valid values, and the cross-field rules (smt_bench/schema/)
         self.cfg = cfg
         self.method = _build(cfg.method, "method")
         if self.method.fixed_fraction is not None:
@@ -76,19 +80,13 @@ class Prepared:
             with open_dict(cfg):
                 cfg.budget.fraction = self.method.fixed_fraction
         frac = cfg.budget.fraction
-        if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
-            raise UserError(f"budget.fraction={frac} is out of range; use a fraction in (0, 1], e.g. 0.01 for 1%")
-        if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-            raise UserError(f"seed={cfg.seed!r} is not an integer; use e.g. seed=0 (several: -m seed=0,1,2)")
         self.container = OmegaConf.to_container(cfg, resolve=True)
         self.run_id = provenance.config_hash(self.container)
         self.source = _build(cfg.model.source, "model")
         self.data = _build(cfg.data, "data")
         self.device = _device(cfg.device)
-        tc = cfg.train
-        if not all(isinstance(v, int) and v >= 1 for v in (tc.max_steps, tc.batch_size, tc.grad_accum)):
-            raise UserError("train.max_steps, train.batch_size and train.grad_accum must be integers >= 1")
         self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id)
+        probe_writable(self.path.parent, "results.dir", cfg.results.dir)  # the result, its samples and exports go here: fail now, not after training
         self.shapes = meta_shapes(self.source.hf_config())
         self.target = round(frac * self.shapes.total_params)
         self.plan = self.method.plan(self.shapes, self.target)
@@ -133,7 +131,7 @@ def execute(cfg: DictConfig) -> dict | None:
         if result["run_info"]["status"] != "running":
             write_json_atomic(prep.path, result)
             logger.finish(result.get("summary", {}))
-            print(f"[smt-bench] {result['run_info']['status']}: {prep.path}")
+            print(run_line(result, prep.path), flush=True)
     return result
 
 

@@ -29,6 +29,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing (the old names warn);
+    older releases (>= 4.46 is supported) have only the old names."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 @torch.no_grad()
 def validation_loss(model, batches, device) -> float | None:
     if not batches:
@@ -59,7 +73,7 @@ def train(model: nn.Module, method, stream, val_batches: list, cfg, device: torc
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
                           num_training_steps=cfg.max_steps)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     model.train()
 
     losses, val_curve, step_times, tokens = [], [], [], 0
@@ -103,7 +117,7 @@ def train(model: nn.Module, method, stream, val_batches: list, cfg, device: torc
     train_s = time.perf_counter() - t_train
     peak = mem.stop()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _checkpointing(model, False)
     return {
         "steps": cfg.max_steps,
         "loss_curve": losses,

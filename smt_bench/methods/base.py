@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..models import ModelShapes
+from ..schema.spec import REQUIRED, at_least, check_fields, nonempty, param, above
 
 
 @dataclass
@@ -35,10 +36,16 @@ class Warmup:
 
 @dataclass
 class Method:
-    name: str
-    lr: float
-    weight_decay: float = 0.0
+    """Fields are the method's config: their types and `valid` values are its config schema
+    (smt_bench/schema/store.py registers it), checked before anything loads."""
+
+    name: str = param(REQUIRED, nonempty())
+    lr: float = param(REQUIRED, above(0))
+    weight_decay: float = param(0.0, at_least(0))
     fixed_fraction: ClassVar[float | None] = None  # a method whose budget is not a choice (full FT: 1.0)
+
+    def __post_init__(self):
+        check_fields(self, "method")
 
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
         raise NotImplementedError

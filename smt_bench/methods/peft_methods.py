@@ -1,21 +1,32 @@
 """LoRA and DoRA through peft; this module only picks the rank that meets the budget."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 
 from torch import nn
 
 from ..errors import UserError
 from ..models import ModelShapes
+from ..schema.spec import above, invalid, nonempty_list, param, within
 from .base import Method, Plan, Warmup
 
 
 @dataclass
 class LoRA(Method):
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio * r: the update scale stays fixed across ranks
-    dropout: float = 0.05
+    target_modules: list[str] = param(valid=nonempty_list(),
+                                      factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    alpha_ratio: float = param(2.0, above(0))  # lora_alpha = alpha_ratio * r: the update scale stays fixed across ranks
+    dropout: float = param(0.05, within(0, 1, hi_open=True))
     use_dora: bool = False
+
+    @staticmethod
+    def check_config(cfg, at: str) -> None:
+        """A result named lora must be LoRA, one named dora DoRA (the analysis groups runs by name)."""
+        if cfg.name == "lora" and cfg.use_dora:
+            raise invalid(f"{at}.use_dora", True, "false for method=lora; DoRA is method=dora")
+        if cfg.name == "dora" and not cfg.use_dora:
+            raise invalid(f"{at}.use_dora", False, "true for method=dora; LoRA is method=lora")
 
     def _targets(self, shapes: ModelShapes):
         targets = shapes.select(self.target_modules)
@@ -53,7 +64,12 @@ class LoRA(Method):
         cfg = LoraConfig(r=rank, lora_alpha=self.alpha_ratio * rank, lora_dropout=self.dropout,
                          target_modules=list(self.target_modules), use_dora=self.use_dora, bias="none",
                          task_type="CAUSAL_LM")
-        return get_peft_model(model, cfg)
+        with warnings.catch_warnings():
+            # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` alias,
+            # which warns on every run (transformers >= 5); the warning is peft's to fix, not ours
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, cfg)
 
     def export(self, model: nn.Module, directory, base_model: str) -> list[str]:
         model.save_pretrained(directory)  # the peft adapter (adapter_config.json + safetensors)

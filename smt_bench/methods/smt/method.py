@@ -4,13 +4,16 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ...errors import UserError
+from ...kernels import BACKENDS
+from ...kernels.torch_ops import TRITON_BLOCK_SIZES
 from ...models import ModelShapes
+from ...schema.spec import above, count, invalid, one_of, optional, param, subset_of, within
 from ..base import Method, Plan, Warmup
 from .layer import SharedInput, SMTLinear
 from .optim import BlockAdamW
@@ -30,28 +33,28 @@ def _layer_index(name: str) -> int | None:
 
 @dataclass
 class SMT(Method):
-    block_size: int = 256
-    warmup_steps: int = 100
-    warmup_mode: str = "score_only"
-    warmup_lr: float = 9.65e-6
-    score: str = "abs_mean"
-    projections: list[str] = field(default_factory=lambda: ["q", "k", "v"])
-    selection: str = "global"
-    attn_share: float | None = None
-    kernels: str = "auto"
-    full_input_threshold: float = 0.8
+    block_size: int = param(256, count(1))
+    warmup_steps: int = param(100, count(1))
+    warmup_mode: str = param("score_only", one_of(WARMUP_MODES))
+    warmup_lr: float = param(9.65e-6, above(0))  # warmup_mode=update
+    score: str = param("abs_mean", one_of(SCORES))
+    projections: list[str] = param(valid=subset_of(PROJ), factory=lambda: ["q", "k", "v"])
+    selection: str = param("global", one_of(SELECTIONS))
+    attn_share: float | None = param(None, optional(within(0, 1, lo_open=True, hi_open=True), "(by pool size)"))
+    kernels: str = param("auto", one_of(BACKENDS))
+    full_input_threshold: float = param(0.8, within(0, 1))
+
+    @staticmethod
+    def check_config(cfg, at: str) -> None:
+        if cfg.attn_share is not None and cfg.selection != "attn_mlp":
+            raise invalid(f"{at}.attn_share", cfg.attn_share, f"null unless {at}.selection=attn_mlp (it splits k "
+                          f"between the attention and MLP pools; selection is {cfg.selection})")
+        if cfg.kernels == "triton" and cfg.block_size not in TRITON_BLOCK_SIZES:
+            raise invalid(f"{at}.block_size", cfg.block_size, f"one of {', '.join(map(str, TRITON_BLOCK_SIZES))} "
+                          f"with {at}.kernels=triton (or kernels=torch for any size)")
 
     def __post_init__(self):
-        checks = [("score", self.score, SCORES), ("selection", self.selection, SELECTIONS),
-                  ("warmup_mode", self.warmup_mode, WARMUP_MODES), ("kernels", self.kernels, ("auto", "triton", "torch"))]
-        for key, val, valid in checks:
-            if val not in valid:
-                raise UserError(f"method.{key}={val!r} is not one of {', '.join(valid)}")
-        bad = [p for p in self.projections if p not in PROJ]
-        if bad or not self.projections:
-            raise UserError(f"method.projections={list(self.projections)}: use a non-empty subset of {', '.join(PROJ)}")
-        if self.block_size < 1 or self.warmup_steps < 1:
-            raise UserError("method.block_size and method.warmup_steps must be >= 1")
+        super().__post_init__()
         self._layers: dict[str, SMTLinear] = {}
         self._warmup_info: dict = {}
 
