@@ -91,8 +91,9 @@ def preflight(argv: list[str]) -> list:
         GlobalHydra.instance().clear()
         _fail(error_line(e))
     jobs = []
+    varying = {o.split("=", 1)[0] for job in points for o in job if any(o not in other for other in points)}
     for job, cfg in zip(points, cfgs):
-        swept = [o for o in job if o not in argv]
+        swept = [o for o in job if o.split("=", 1)[0] in varying]  # what tells this job from the others
         try:
             prep = Prepared(cfg)
         except UserError as e:

@@ -86,17 +86,23 @@ class Prepared:
         self.data = _build(cfg.data, "data")
         self.device = _device(cfg.device)
         self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id)
-        probe_writable(self.path.parent, "results.dir", cfg.results.dir)  # the result, its samples and exports go here: fail now, not after training
         self.shapes = meta_shapes(self.source.hf_config())
         self.target = round(frac * self.shapes.total_params)
         self.plan = self.method.plan(self.shapes, self.target)
         self.splits = self.data.load()
+        batch = cfg.train.batch_size
+        if len(self.splits.train) < batch:  # (truncation to max_len may drop more, found once tokenised)
+            raise UserError(f"data={cfg.data.name} has {len(self.splits.train)} training records, fewer than "
+                            f"train.batch_size={batch}; use more data or a smaller train.batch_size")
         self.eval_plan = None
         if cfg.eval.enabled:  # the suite's tasks, local test files, caps and hub access, checked now
             from .evaluation.suites import plan_suite
 
             self.eval_plan = plan_suite(cfg.eval, self.splits.test, isinstance(self.data, BundledSuite),
                                         cfg.data.name)
+        # the result, its samples and exports go beside each other: an unwritable place fails now, not
+        # after training and evaluation
+        probe_writable(self.path.parent, "results.dir", cfg.results.dir)
 
 
 def execute(cfg: DictConfig) -> dict | None:

@@ -4,6 +4,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -136,54 +137,38 @@ def test_wandb_logger_runs_without_an_account(monkeypatch, tmp_path):
 
 # --- bad input: exit 2, one line on stderr, nothing under results.dir ---------------------------
 
-def _jsonl_broken(tmp: Path) -> Path:
-    p = tmp / "broken.jsonl"
-    good = json.dumps({"instruction": "Say yes.", "input": "", "output": "yes"})
-    p.write_text(f"{good}\n{good}\n{{\"instruction\": \"Say no.\", \"output\": \"no\"\n{good}\n")
-    return p
-
-
-def _json_list_broken(tmp: Path) -> Path:
-    p = tmp / "broken.json"
-    p.write_text('[\n  {"instruction": "Say yes.", "input": "", "output": "yes"},\n'
-                 '  {"instruction": "Say no.", "input": "", "output": "no"},\n'
-                 '  {"instruction": "Say maybe.", "input": "" "output": "maybe"}\n]\n')
-    return p
-
-
 TINY = ["model=tiny-llama", "device=cpu"]
-BAD = {
-    "unknown-budget": (lambda t: [*TINY, "budget=3pct"], r"unknown budget '3pct'; choose one of: 0\.1pct, .*sweep"),
-    "fraction-0": (lambda t: [*TINY, "budget.fraction=0"], r"budget\.fraction=0 is out of range"),
-    "fraction-1.5": (lambda t: [*TINY, "budget.fraction=1.5"], r"budget\.fraction=1\.5 is out of range"),
-    "fraction-neg": (lambda t: [*TINY, "budget.fraction=-1"], r"budget\.fraction=-1 is out of range"),
-    "missing-data-file": (lambda t: [*TINY, "data=local", f"data.path={t / 'nope.json'}"],
-                          r"data file .*nope\.json does not exist"),
-    "data-path-unset": (lambda t: [*TINY, "data=local"], r"config value data\.path is required"),
-    "malformed-jsonl": (lambda t: [*TINY, "data=local", f"data.path={_jsonl_broken(t)}"],
-                        r"broken\.jsonl: line 3: malformed JSON"),
-    "malformed-json-list": (lambda t: [*TINY, "data=local", f"data.path={_json_list_broken(t)}"],
-                            r"broken\.json: line 4 column \d+: malformed JSON"),
-    "unreachable-rank": (lambda t: [*TINY, "method=lora", "budget.fraction=0.05"],
-                         r"budget of 160,989 params is unreachable for lora .* valid ranks 1\.\.32"),
-    "sweep-one-unreachable": (lambda t: [*TINY, "method=lora", "budget=sweep"],
-                              r"sweep job budget\.fraction=0\.02: budget of 64,396 params is unreachable"),
-    "misspelled-key": (lambda t: [*TINY, "train.max_stepz=3"], r"Could not override 'train\.max_stepz'"),
-    "non-integer-steps": (lambda t: [*TINY, "train.max_steps=abc"], r"must be integers >= 1"),
-}
+# one case per way a bad input is caught: a group option, an OmegaConf type at compose time, a range in
+# the schema, a data file, one job of a sweep (the whole catalogue runs in-process: test_bad_input.py)
+AS_PROCESS = ["unknown-budget", "steps-text", "clip-negative", "malformed-jsonl", "sweep-one-unreachable"]
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", AS_PROCESS)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path, smollm2_path):
-    make_args, message = BAD[case]
+    from test_bad_input import CASES
+
+    build, message = CASES[case]
     results = tmp_path / "results"
-    proc = cli(*make_args(tmp_path), f"results.dir={results}", timeout=120)
+    proc = cli(*build(tmp_path), f"results.dir={results}", timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[0].startswith("smt-bench: error: ")
     assert re.search(message, lines[0]), lines[0]
-    assert not results.exists()
+    assert not results.exists() and proc.stdout == ""
+
+
+# --- what a run prints ---------------------------------------------------------------------------
+
+PROGRESS = re.compile(r"^.*\d+%\|.*\| *\d+/\d+ \[.*\]$")  # a tqdm bar
+
+
+def only_progress_bars(stderr: str) -> bool:
+    """A clean run writes nothing on stderr but progress bars (no warnings, no log lines)."""
+    pieces = [p.strip() for p in re.split(r"[\r\n]+", stderr) if p.strip()]
+    bad = [p for p in pieces if not PROGRESS.match(p)]
+    assert not bad, bad[:5]
+    return True
 
 
 # --- the result file of one run -----------------------------------------------------------------
@@ -200,6 +185,12 @@ def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose,
     files = [p for p in results.rglob("*") if p.is_file()]
     assert len(files) == 1, files  # no temp file left behind
     path = files[0]
+    assert only_progress_bars(proc.stderr)
+    # the run ends with one line that says what it measured
+    assert re.fullmatch(r"\[smt-bench\] finished: lora \| budget 0\.48% \(target 0\.50%\) \| accuracy \d+\.\d% "
+                        r"\(bundled, generative-first-match \(LLM-Adapters\), 12 items\) \| peak [\d,]+ MiB "
+                        r"\(cpu_peak_rss_growth\) \| [\d,]+ tok/s \| wall \d+ s \| (.*)", proc.stdout.strip())
+    assert proc.stdout.strip().endswith(f"| {path}")
     assert path.parent == results / "runs" / "tiny-llama-bundled"
     assert re.fullmatch(r"lora-b0\.005-s0-[0-9a-f]{12}\.json", path.name)
     r = json.loads(path.read_text())
@@ -259,6 +250,32 @@ def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose,
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished; skipping" in again.stdout
     assert [p for p in results.rglob("*") if p.is_file()] == [path] and path.read_bytes() == before
+
+
+def test_sweep_ends_with_a_table_and_the_analysis_command(cli, tmp_path, smollm2_path):
+    results = tmp_path / "results"
+    small = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=2", "train.batch_size=2",
+             "train.max_len=128", "train.eval_every=0", "train.val_batches=1", "data.n_train_per_task=4",
+             "data.n_val_per_task=1", "data.n_test_per_task=1", "eval.max_new_tokens=2", "eval.batch_size=6"]
+    proc = cli("-m", *small, "seed=0,1", f"results.dir={results}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert only_progress_bars(proc.stderr)
+    out = proc.stdout.splitlines()
+    assert sum(l.startswith("[smt-bench] finished: lora") for l in out) == 2
+    head = out.index("[smt-bench] sweep of 2 jobs: 2 finished")
+    assert re.split(r"\s{2,}", out[head + 1]) == ["#", "job", "status", "trainable %", "accuracy", "peak MiB", "tok/s",
+                                                  "wall s", "result"]
+    for i, seed in enumerate((0, 1)):
+        cells = re.split(r"\s{2,}", out[head + 2 + i])
+        r = json.loads(next(results.rglob(f"lora-b0.005-s{seed}-*.json")).read_text())
+        assert cells[:4] == [str(i), f"seed={seed}", "finished", f"{r['summary']['trainable_pct']:.2f}"]
+        assert cells[4] == f"{r['summary']['mean_accuracy']:.1f}" and cells[-1].startswith(f"lora-b0.005-s{seed}-")
+    command = f"python -m smt_bench.analysis {results} --out {results}/analysis"
+    assert out[-1] == f"[smt-bench] report and figures: {command}"
+    # the printed command works as printed
+    ran = subprocess.run([sys.executable, *command.split()[1:]], cwd=tmp_path, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert (results / "analysis" / "report.md").is_file()
 
 
 def test_run_id_is_stable_and_follows_the_semantic_config(compose, tmp_path, smollm2_path):

@@ -83,11 +83,6 @@ def test_bundled_answers_are_right(suite):
         assert len({r["answer"] for r in suite.test if r["task"] == task}) == 2
 
 
-def test_unknown_bundled_task_is_a_user_error():
-    with pytest.raises(UserError, match=r"unknown bundled task\(s\) \['poetry'\]"):
-        BundledSuite(tasks=["addition", "poetry"])
-
-
 # --- the LLM-Adapters record reader ---------------------------------------------------------------
 
 RECORDS = [

@@ -347,14 +347,12 @@ def _bad_split():
 
 
 BAD_PLAN = {
-    "unknown-suite": (dict(suite="poetry"), r"eval\.suite='poetry' is not a suite; choose one of: bundled, "),
     "no-data-dir": (dict(suite="commonsense_gen"), r"set eval\.data_dir=DIR"),
     "data-dir-missing": (dict(suite="commonsense_gen", data_dir="/nonexistent/x"), r"is not a folder"),
     "no-test-json": (dict(suite="commonsense_gen", data_dir="{tmp}"), r"boolq/test\.json does not exist"),
     "unknown-task": (dict(suite="math", tasks=["gsm8k", "mmlu"]), r"unknown task\(s\) \['mmlu'\] for eval=math"),
     "offline-commonsense": (dict(suite="commonsense", builtin=suites.COMMONSENSE_BUILTIN, hub="required"),
                             r"hub is offline \(HF_HUB_OFFLINE=1\); .* eval=commonsense_gen eval\.data_dir=DIR"),
-    "bad-batch": (dict(batch_size=0), r"eval\.batch_size=0 must be an integer >= 1"),
     "bad-answer": (dict(split=_bad_split()), r"record 0 \(t\): answer 'maybe' matches no label family"),
     "no-test-split": (dict(split=[]), r"eval=bundled scores the data's test split, but data=x has none"),
 }

@@ -83,7 +83,7 @@ BAD = {
     "no-data-dir": (["eval=commonsense_gen"], r"eval=commonsense_gen reads LLM-Adapters test files for boolq, .*: "
                     r"set eval\.data_dir=DIR"),
     "missing-test-json": (["eval=commonsense_gen", "eval.data_dir={tmp}"], r"boolq/test\.json does not exist"),
-    "unknown-suite": (["eval.suite=poetry"], r"eval\.suite='poetry' is not a suite"),
+    "unknown-suite": (["eval.suite=poetry"], r"eval\.suite=poetry: must be one of bundled, commonsense, "),
 }
 
 
