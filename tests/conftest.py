@@ -84,3 +84,20 @@ def cli(tmp_path):
                               capture_output=True, text=True, timeout=timeout)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def only_progress_bars():
+    """only_progress_bars(stderr): a clean run writes nothing on stderr but tqdm bars (no warnings, no log
+    lines); fails naming the first pieces that are something else."""
+    import re
+
+    bar = re.compile(r"^.*\d+%\|.*\| *\d+/\d+ \[.*\]$")
+
+    def check(stderr: str) -> bool:
+        pieces = [p.strip() for p in re.split(r"[\r\n]+", stderr) if p.strip()]
+        bad = [p for p in pieces if not bar.match(p)]
+        assert not bad, bad[:5]
+        return True
+
+    return check

@@ -158,19 +158,6 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path,
     assert not results.exists() and proc.stdout == ""
 
 
-# --- what a run prints ---------------------------------------------------------------------------
-
-PROGRESS = re.compile(r"^.*\d+%\|.*\| *\d+/\d+ \[.*\]$")  # a tqdm bar
-
-
-def only_progress_bars(stderr: str) -> bool:
-    """A clean run writes nothing on stderr but progress bars (no warnings, no log lines)."""
-    pieces = [p.strip() for p in re.split(r"[\r\n]+", stderr) if p.strip()]
-    bad = [p for p in pieces if not PROGRESS.match(p)]
-    assert not bad, bad[:5]
-    return True
-
-
 # --- the result file of one run -----------------------------------------------------------------
 
 RUN = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=4", "train.batch_size=2",
@@ -178,7 +165,7 @@ RUN = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=4", "trai
        "data.n_val_per_task=1", "data.n_test_per_task=2", "eval.max_new_tokens=4", "eval.batch_size=4"]
 
 
-def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose, smollm2_path):
+def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose, smollm2_path, only_progress_bars):
     results = tmp_path / "results"
     proc = cli(*RUN, f"results.dir={results}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -252,7 +239,7 @@ def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose,
     assert [p for p in results.rglob("*") if p.is_file()] == [path] and path.read_bytes() == before
 
 
-def test_sweep_ends_with_a_table_and_the_analysis_command(cli, tmp_path, smollm2_path):
+def test_sweep_ends_with_a_table_and_the_analysis_command(cli, tmp_path, smollm2_path, only_progress_bars):
     results = tmp_path / "results"
     small = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=2", "train.batch_size=2",
              "train.max_len=128", "train.eval_every=0", "train.val_batches=1", "data.n_train_per_task=4",

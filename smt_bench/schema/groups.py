@@ -86,7 +86,7 @@ class Eval:
     enabled: bool = MISSING
     tasks: Optional[list[str]] = param(valid=optional(Valid(lambda v: len(v) > 0, "a non-empty list of task names"),
                                                       "(every task of the suite)"))
-    builtin: Optional[list[str]] = param(valid=optional(Valid(lambda v: True, "a list of lm-eval task names")))
+    builtin: Optional[list[str]] = param(valid=optional(each(nonempty()), "(none)"))  # names: checked with the hub
     hub: str = param(valid=one_of(("optional", "required")))
     data_dir: Optional[str] = param(valid=optional(nonempty()))
     max_new_tokens: int = param(valid=count(1))
