@@ -175,7 +175,9 @@ def _run(prep: Prepared, logger) -> dict:
             return forward_loss(m, batch)
 
     t0 = time.perf_counter()
+    mem.start()  # a method's own pre-training phase (SMT's warm-up) has its peak recorded apart
     model = prep.method.prepare(model, prep.plan, Warmup(batches=warm_batches, loss=warm_loss))
+    prepare_peak = mem.stop()
     prepare_s = time.perf_counter() - t0
     trainable = prep.method.trainable_parameters(model)
     n_trainable = sum(p.numel() for p in trainable)
@@ -193,6 +195,7 @@ def _run(prep: Prepared, logger) -> dict:
         "plan": prep.plan.detail,
         "load_time_s": load_s,
         "prepare_time_s": prepare_s,
+        "prepare_peak_memory_bytes": prepare_peak,
     })
     method_report = prep.method.report(model)
     if cfg.results.export:  # beside the result file, named like it

@@ -197,3 +197,89 @@ def test_bad_block_size_and_budget_errors():
         SMT(name="smt", lr=1e-4, block_size=16).plan(shapes, 100)
     with pytest.raises(UserError, match="method.score"):
         SMT(name="smt", lr=1e-4, score="max")
+
+
+# --- the warm-up estimators against dense autograd -------------------------------------------------
+
+def _dense_grads(model, names, batches):
+    """Per batch, the dense gradient of each eligible weight (float64 copies), by plain autograd."""
+    model = copy.deepcopy(model)
+    weights = {n: model.get_submodule(n).weight for n in names}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = []
+    for b in batches:
+        for w in weights.values():
+            w.requires_grad_(True)
+        grads = torch.autograd.grad(model(**b).loss, list(weights.values()))
+        out.append({n: g.double() for n, g in zip(weights, grads)})
+    return out
+
+
+def _oracle(per_step, names, B, kind, accumulation, k, mode):
+    if accumulation == "grad_sum":  # the reference: one statistic of the summed raw gradients
+        scores = {n: block_score(sum(s[n] for s in per_step), B, kind) for n in names}
+    else:
+        scores = {n: sum(block_score(s[n], B, kind) for s in per_step) for n in names}
+    pools = [names] if mode == "global" else [[n] for n in names]
+    from smt_bench.methods.smt.selection import _apportion
+
+    quotas = [k] if mode == "global" else _apportion(k, [scores[n].numel() for n in names])
+    want = set()
+    for pool, quota in zip(pools, quotas):
+        allb = sorted(((float(scores[n][r, c]), n, r, c) for n in pool
+                       for r, c in itertools.product(*map(range, scores[n].shape))), key=lambda t: -t[0])
+        assert quota == 0 or quota == len(allb) or allb[quota - 1][0] - allb[quota][0] > 1e-6 * abs(allb[0][0])
+        want |= {(n, r, c) for _, n, r, c in allb[:quota]}
+    return want
+
+
+@pytest.mark.parametrize("accumulation,device", [("grad_sum", "same"), ("grad_sum", "cpu"), ("score_sum", "same")])
+@pytest.mark.parametrize("mode", ["global", "per_matrix"])
+@pytest.mark.parametrize("kind", ["abs_mean", "mean_abs", "l1", "l2"])
+def test_warmup_selection_is_the_top_k_of_the_statistic_of_dense_gradients(kind, mode, accumulation, device):
+    model = _tiny()
+    warm, batches = _warmup(n_batches=3, seed=1)
+    m = SMT(name="smt", lr=1e-2, block_size=16, warmup_steps=3, score=kind, selection=mode,
+            score_accumulation=accumulation, accumulator_device=device)
+    plan = m.plan(shapes_of(model), 20 * 256)
+    names = [l.name for l in shapes_of(model).select(["q_proj", "k_proj", "v_proj"])]
+    want = _oracle(_dense_grads(model, names, batches), names, 16, kind, accumulation, 20, mode)
+    m.prepare(model, plan, warm)
+    got = {(n, r, c) for n, l in m._layers.items() for r, c in zip(l.rows.tolist(), l.cols.tolist())}
+    assert got == want
+    info = m.report(model)["warmup"]
+    assert (info["accumulation"], info["steps"], info["score"]) == (accumulation, 3, kind)
+    eligible_bytes = 4 * sum(model.get_submodule(n).weight.numel() for n in names)
+    assert info["accumulator_bytes"] == (eligible_bytes if accumulation == "grad_sum" else 0)
+
+
+def test_the_two_estimators_differ_where_signs_cancel_across_steps():
+    """Σ|mean G_t| vs |mean Σ G_t|: a block whose gradient flips sign between steps ranks high for one only."""
+    flip = torch.ones(4, 4)
+    steady = torch.full((4, 4), 0.6)
+    g1, g2 = torch.cat([flip, steady], 1), torch.cat([-flip, steady], 1)
+    score_sum = block_score(g1, 4, "mean_abs") + block_score(g2, 4, "mean_abs")
+    grad_sum = block_score(g1 + g2, 4, "mean_abs")
+    assert score_sum.argmax().item() == 0 and grad_sum.argmax().item() == 1
+
+
+def test_no_accumulator_or_warmup_gradient_outlives_prepare(monkeypatch):
+    import weakref
+
+    from smt_bench.methods.smt import scoring
+
+    refs = []
+    finish = scoring.BlockScorer.finish
+
+    def spy(self):
+        refs.extend(weakref.ref(t) for t in self.acc.values())
+        return finish(self)
+
+    monkeypatch.setattr(scoring.BlockScorer, "finish", spy)
+    model = _tiny()
+    m = SMT(name="smt", lr=1e-2, block_size=16, warmup_steps=3)
+    warm, _ = _warmup()
+    m.prepare(model, m.plan(shapes_of(model), 20 * 256), warm)
+    assert len(refs) == 2 * 3 and all(r() is None for r in refs)  # q, k, v of 2 layers, all freed
+    assert all(p.grad is None for p in model.parameters())

@@ -17,7 +17,7 @@ from ...schema.spec import above, count, invalid, one_of, optional, param, subse
 from ..base import Method, Plan, Warmup
 from .layer import SharedInput, SMTLinear
 from .optim import BlockAdamW
-from .scoring import SCORES, BlockScorer
+from .scoring import ACCUMULATIONS, ACCUMULATOR_DEVICES, SCORES, BlockScorer
 from .selection import SELECTIONS, select
 
 PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -38,6 +38,8 @@ class SMT(Method):
     warmup_mode: str = param("score_only", one_of(WARMUP_MODES))
     warmup_lr: float = param(9.65e-6, above(0))  # warmup_mode=update
     score: str = param("abs_mean", one_of(SCORES))
+    score_accumulation: str = param("grad_sum", one_of(ACCUMULATIONS))  # grad_sum: the reference's estimator
+    accumulator_device: str = param("same", one_of(ACCUMULATOR_DEVICES))  # cpu: the reference's placement
     projections: list[str] = param(valid=subset_of(PROJ), factory=lambda: ["q", "k", "v"])
     selection: str = param("global", one_of(SELECTIONS))
     attn_share: float | None = param(None, optional(within(0, 1, lo_open=True, hi_open=True), "(by pool size)"))
@@ -94,7 +96,9 @@ class SMT(Method):
             p.requires_grad_(not score_only)
         for l in linears.values():
             l.weight.requires_grad_(True)
-        scorer = BlockScorer(linears, self.block_size, self.score, free_grads=score_only)
+        scorer = BlockScorer(linears, self.block_size, self.score, free_grads=score_only,
+                             accumulation=self.score_accumulation, accumulator_device=self.accumulator_device)
+        accumulator_bytes = scorer.accumulator_bytes
         opt = None if score_only else torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=self.warmup_lr, weight_decay=0.0)
         was = model.training
@@ -106,6 +110,7 @@ class SMT(Method):
                 if opt is not None:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+            scores = scorer.finish()  # the block statistic of the sums; accumulators freed
         finally:
             scorer.remove()
             for p in model.parameters():
@@ -113,8 +118,10 @@ class SMT(Method):
                 p.grad = None
             model.train(was)
         self._warmup_info = {"steps": self.warmup_steps, "mode": self.warmup_mode, "score": self.score,
-                             "time_s": time.perf_counter() - t0}
-        return scorer.scores
+                             "accumulation": self.score_accumulation,
+                             "accumulator_device": self.accumulator_device if accumulator_bytes else None,
+                             "accumulator_bytes": accumulator_bytes, "time_s": time.perf_counter() - t0}
+        return scores
 
     def prepare(self, model: nn.Module, plan: Plan, warmup: Warmup) -> nn.Module:
         from ...kernels import get_backend
