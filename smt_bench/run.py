@@ -105,6 +105,22 @@ class Prepared:
         probe_writable(self.path.parent, "results.dir", cfg.results.dir)
 
 
+def warmup_for(train_ex: list[dict], batch_size: int, pad_id: int, seed: int, dev: torch.device) -> Warmup:
+    """The batches and loss a method's own pre-training phase (SMT's warm-up) uses: a stream of its own,
+    seeded apart from the training stream, so the training batches do not depend on the method."""
+    warm_stream = batch_stream(train_ex, batch_size, pad_id, seed=seed + 10_000)
+
+    def batches(n):
+        for _ in range(n):
+            yield {k: v.to(dev) for k, v in next(warm_stream).items()}
+
+    def loss(m, batch):
+        with autocast_for(dev):
+            return forward_loss(m, batch)
+
+    return Warmup(batches=batches, loss=loss)
+
+
 def execute(cfg: DictConfig) -> dict | None:
     """Validates (UserError on bad input), then runs; returns the result dict (None if skipped)."""
     prep = Prepared(cfg)
@@ -163,20 +179,11 @@ def _run(prep: Prepared, logger) -> dict:
     val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
                    for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
     stream = batch_stream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed)
-    # the method's own pre-training phase (SMT's warm-up) draws from a separate, seeded stream
-    warm_stream = batch_stream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed + 10_000)
-
-    def warm_batches(n):
-        for _ in range(n):
-            yield {k: v.to(dev) for k, v in next(warm_stream).items()}
-
-    def warm_loss(m, batch):
-        with autocast_for(dev):
-            return forward_loss(m, batch)
 
     t0 = time.perf_counter()
     mem.start()  # a method's own pre-training phase (SMT's warm-up) has its peak recorded apart
-    model = prep.method.prepare(model, prep.plan, Warmup(batches=warm_batches, loss=warm_loss))
+    model = prep.method.prepare(model, prep.plan, warmup_for(train_ex, tc.batch_size, tok.pad_token_id,
+                                                             cfg.seed, dev))
     prepare_peak = mem.stop()
     prepare_s = time.perf_counter() - t0
     trainable = prep.method.trainable_parameters(model)

@@ -455,3 +455,33 @@ def test_cli_and_wrapper_write_the_report(tmp_path):
                          "--bootstrap", "20"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r2.returncode == 0, r2.stderr
     assert (tmp_path / "a" / "report.md").read_bytes() == (tmp_path / "b" / "report.md").read_bytes()
+
+
+def test_selection_stability_pairs_runs_that_differ_in_one_factor(tmp_path):
+    """Jaccard of block sets between SMT runs differing only in the seed, or only in the warm-up length;
+    runs that differ in two factors are not compared."""
+    res = tmp_path / "results"
+    base = smt_map()  # 16 blocks
+    other = base[:-2] + [[1, "v_proj", 5, 5], [1, "v_proj", 6, 6]]  # 14 shared of 18 in the union
+    for seed, bmap in ((0, base), (1, other)):
+        write_run(res, run_doc("smt", 0.01, seed, 50.0, block_map=bmap, method_extra={"warmup_steps": 4}))
+    write_run(res, run_doc("smt", 0.01, 0, 50.0, block_map=base, method_extra={"warmup_steps": 16}))
+    write_run(res, run_doc("smt", 0.01, 1, 50.0, block_map=base, method_extra={"warmup_steps": 64}))
+    analyze([str(res)], tmp_path / "out", Options())
+    rows = _rows((tmp_path / "out" / "report.md").read_text(), "SMT selection stability")[1:]  # after the header
+    assert rows == [["seed", "1%", "two seeds", "1", f"{14 / 18:.3f}", f"{14 / 18:.3f}"],
+                    ["warmup_steps", "1%", "4 vs 16", "1", "1.000", "1.000"],
+                    ["warmup_steps", "1%", "4 vs 64", "1", f"{14 / 18:.3f}", f"{14 / 18:.3f}"]]
+
+
+def test_jaccard_and_pairs():
+    from smt_bench.analysis.selection import block_set, jaccard, pairs, summary
+
+    a, b = block_set([[0, "v_proj", 0, 0], [0, "v_proj", 0, 1]]), block_set([[0, "v_proj", 0, 1]])
+    assert jaccard(a, b) == 0.5 and jaccard(a, a) == 1.0 and jaccard(frozenset(), frozenset()) == 1.0
+    pts = [dict(seed=s, warmup_steps=w, accumulation=acc, score="abs_mean", budget=0.01, blocks=blk)
+           for s, w, acc, blk in ((0, 4, "grad_sum", a), (1, 4, "grad_sum", b), (0, 4, "score_sum", b),
+                                  (1, 16, "score_sum", a))]
+    rows = pairs(pts)
+    assert sorted((r["factor"], r["jaccard"]) for r in rows) == [("accumulation", 0.5), ("seed", 0.5)]
+    assert [s["compared"] for s in summary(rows)] == ["two seeds", "grad_sum vs score_sum"]

@@ -163,7 +163,7 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
 
     lines += _header(loaded, kept, duplicates, opts)
     for skey, c, plateaus in settings:
-        lines += _setting_section(c, plateaus, kept[kept["setting_key"] == skey], opts)
+        lines += _setting_section(c, plateaus, kept[kept["setting_key"] == skey], opts, loaded.block_maps)
     lines += _published_section(groups, pub_rows)
     lines += _failures_section(loaded, kept, duplicates)
     lines += _provenance_section(loaded)
@@ -228,7 +228,7 @@ def _seeds_label(cell_seeds: tuple, all_seeds: set) -> str:
 
 
 def _setting_section(c: pd.DataFrame, plateaus: dict[str, Plateau | None], runs: pd.DataFrame,
-                     opts: Options) -> list[str]:
+                     opts: Options, block_maps: dict | None = None) -> list[str]:
     label, slug = c["setting"].iloc[0], c["setting_slug"].iloc[0]
     out = [f"## {label}", ""]
     devices = sorted(set(",".join(c["devices"]).split(",")) - {""})
@@ -302,6 +302,7 @@ def _setting_section(c: pd.DataFrame, plateaus: dict[str, Plateau | None], runs:
         out += _table(["method", "budget"] + [col[4:] for col in acc_cols], rows)
 
     out += _smt_section(c, runs)
+    out += _stability_section(runs, block_maps)
 
     out += ["### Figures", ""]
     for n, (stem, title, caption) in enumerate(FIGURES, 1):
@@ -369,6 +370,33 @@ def _smt_rate_section(sc: pd.DataFrame, srun: pd.DataFrame) -> list[str]:
             + ", ".join(f"{g} {100 * rate[g]:.1f}%" for g in rate)
             + f"; most selected: {'='.join(leaders)}.", ""]
     return out
+
+
+def _stability_section(runs: pd.DataFrame, block_maps: dict | None) -> list[str]:
+    """Jaccard overlap of SMT block sets between runs that differ in exactly one selection factor."""
+    from .selection import block_set, markdown, pairs
+
+    smt = runs[runs["file"].isin(list(block_maps or {}))]
+    if len(smt) < 2:
+        return []
+    own = {"cfg.method.warmup_steps": "warmup_steps", "cfg.method.score_accumulation": "accumulation",
+           "cfg.method.score": "score"}
+    rest = sorted(c for c in smt.columns if c.startswith("cfg.method.") and c not in own)
+    points = []
+    for _, r in smt.iterrows():
+        acc = r.get("cfg.method.score_accumulation")
+        points.append({"seed": int(r["seed"]), "warmup_steps": r.get("cfg.method.warmup_steps"),
+                       # runs written before the option existed used the per-step score sum
+                       "accumulation": acc if isinstance(acc, str) else "score_sum",
+                       "score": r.get("cfg.method.score"), "budget": float(r["budget_fraction"]),
+                       "fixed": tuple(str(r[c]) for c in rest), "blocks": block_set(block_maps[r["file"]])})
+    rows = pairs(points)
+    if not rows:
+        return []
+    return ["### SMT selection stability", "",
+            "Jaccard overlap |A∩B| / |A∪B| of the selected block sets of two SMT runs at the same budget that "
+            "differ in exactly one of seed, warm-up steps, score accumulation and score kind (the seed changes the "
+            "warm-up batches).", "", *markdown(rows), ""]
 
 
 def _published_groups(published: pd.DataFrame, cells: pd.DataFrame):

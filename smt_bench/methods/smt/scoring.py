@@ -99,6 +99,19 @@ class BlockScorer:
             h.remove()
         self._handles = []
 
+    def snapshot(self, kind: str | None = None) -> dict[str, torch.Tensor]:
+        """Block scores of what has been collected so far, without releasing it (a warm-up of the first
+        t steps gives exactly these: score_only warm-up does not change the weights). grad_sum can give
+        any score kind from its sums; score_sum only its own."""
+        kind = kind or self.kind
+        for name in list(self._pending):
+            self._drain(name)
+        if self.accumulation == "score_sum":
+            if kind != self.kind:
+                raise ValueError(f"score_sum collected {self.kind} scores, not {kind}")
+            return {n: s.clone() for n, s in self.scores.items()}
+        return {n: block_score(a, self.block_size, kind) for n, a in self.acc.items()}
+
     def finish(self) -> dict[str, torch.Tensor]:
         """Block scores per matrix (on the weight's device for score_sum, the accumulator's for grad_sum);
         the accumulators and staging buffers are released."""
