@@ -485,3 +485,16 @@ def test_jaccard_and_pairs():
     rows = pairs(pts)
     assert sorted((r["factor"], r["jaccard"]) for r in rows) == [("accumulation", 0.5), ("seed", 0.5)]
     assert [s["compared"] for s in summary(rows)] == ["two seeds", "grad_sum vs score_sum"]
+
+
+def test_smt_runs_from_before_the_accumulation_option_read_as_score_sum(tmp_path):
+    res = tmp_path / "results"
+    write_run(res, run_doc("smt", 0.01, 0, 50.0, block_map=smt_map()))  # written before the key existed
+    write_run(res, run_doc("smt", 0.01, 0, 52.0, block_map=smt_map(4),
+                           method_extra={"score_accumulation": "grad_sum", "accumulator_device": "cpu"}))
+    analyze([str(res)], tmp_path / "out", Options())
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "smt (accumulator_device=cpu, score_accumulation=grad_sum)" in report
+    assert "smt (accumulator_device=same, score_accumulation=score_sum)" in report
+    rows = _rows(report, "SMT selection stability")[1:]
+    assert rows == [["accumulation", "1%", "grad_sum vs score_sum", "1", f"{14 / 16:.3f}", f"{14 / 16:.3f}"]]

@@ -193,6 +193,16 @@ def validate(obj) -> None:
 
 
 # --- flattening -------------------------------------------------------------------------------
+
+# Keys a method gained after results were written with it: (method, key) -> the value those older runs
+# computed with (absent then, so it was the only behaviour), so old and new runs group and label right.
+LEGACY_DEFAULTS = {("smt", "score_accumulation"): "score_sum", ("smt", "accumulator_device"): "same"}
+
+
+def with_legacy_defaults(cfg: dict) -> dict:
+    method = cfg.get("method") or {}
+    missing = {k: v for (m, k), v in LEGACY_DEFAULTS.items() if method.get("name") == m and k not in method}
+    return {**cfg, "method": {**method, **missing}} if missing else cfg
 def short_projection(name: str) -> str:
     """'q_proj' -> 'q', 'model.layers.3.mlp.down_proj' -> 'down'; unknown names are kept as they are."""
     base = name.rsplit(".", 1)[-1]
@@ -316,7 +326,7 @@ def load(inputs: list[str | Path], warn=None) -> Loaded:
             try:
                 validate(obj)
                 rows.append(flatten(obj, display))
-                out.configs[display] = obj["config"]
+                out.configs[display] = with_legacy_defaults(obj["config"])
                 out.meta[display] = obj.get("meta_info") or {}
                 bmap = (obj.get("method_info") or {}).get("block_map")
                 if obj["run_info"]["status"] == "finished" and bmap:

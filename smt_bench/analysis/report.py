@@ -381,13 +381,13 @@ def _stability_section(runs: pd.DataFrame, block_maps: dict | None) -> list[str]
         return []
     own = {"cfg.method.warmup_steps": "warmup_steps", "cfg.method.score_accumulation": "accumulation",
            "cfg.method.score": "score"}
-    rest = sorted(c for c in smt.columns if c.startswith("cfg.method.") and c not in own)
+    # the accumulators' placement does not change the sums, so it is not a factor of the selection
+    rest = sorted(c for c in smt.columns if c.startswith("cfg.method.") and c not in own
+                  and c != "cfg.method.accumulator_device")
     points = []
     for _, r in smt.iterrows():
-        acc = r.get("cfg.method.score_accumulation")
         points.append({"seed": int(r["seed"]), "warmup_steps": r.get("cfg.method.warmup_steps"),
-                       # runs written before the option existed used the per-step score sum
-                       "accumulation": acc if isinstance(acc, str) else "score_sum",
+                       "accumulation": r.get("cfg.method.score_accumulation"),
                        "score": r.get("cfg.method.score"), "budget": float(r["budget_fraction"]),
                        "fixed": tuple(str(r[c]) for c in rest), "blocks": block_set(block_maps[r["file"]])})
     rows = pairs(points)
