@@ -21,19 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from smt_bench import provenance  # noqa: E402
-from smt_bench.__main__ import CONF  # noqa: E402  (registers the config schema)
+from smt_bench.__main__ import compose_config  # noqa: E402
 from smt_bench.evaluation.harness import evaluate_suite  # noqa: E402
 from smt_bench.evaluation.suites import plan_suite  # noqa: E402
 from smt_bench.models import SmolLM2GGUF  # noqa: E402
 
 
 def _plan(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
+    cfg = compose_config(list(overrides))
     test = instantiate(cfg.data).load().test
     return cfg.eval, plan_suite(cfg.eval, test, True, cfg.data.name)
 

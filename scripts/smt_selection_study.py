@@ -27,11 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from smt_bench import provenance  # noqa: E402
-from smt_bench.__main__ import CONF  # noqa: E402  (registers the config schema)
+from smt_bench.__main__ import compose_config  # noqa: E402
 from smt_bench.analysis.selection import block_set, markdown, pairs  # noqa: E402
 from smt_bench.data.batches import encode  # noqa: E402
 from smt_bench.methods.smt.method import PROJ  # noqa: E402
@@ -45,11 +43,7 @@ ACCUMULATIONS = ("grad_sum", "score_sum")
 
 
 def _prepared(overrides: list[str]) -> Prepared:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return Prepared(cfg)
+    return Prepared(compose_config(overrides))
 
 
 def _block_map(chosen: dict) -> list[list]:

@@ -45,23 +45,31 @@ def app(cfg: DictConfig) -> None:
         _fail(str(e))
 
 
+def compose_config(overrides: list[str], hydra: bool = False):
+    """The config `python -m smt_bench <overrides>` runs with (for the preflight, scripts and tests)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def sweep_points(argv: list[str]) -> list[list[str]]:
     """The override list of every job Hydra will launch for this command line (one if not a sweep)."""
-    from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = "-m" in argv or "--multirun" in argv
     fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        hcfg = compose("config", overrides=fixed, return_hydra_config=True)
-        multirun = multirun or hcfg.hydra.mode == RunMode.MULTIRUN
-        params = [f"{k}={v}" for k, v in (hcfg.hydra.sweeper.params or {}).items()]
-    GlobalHydra.instance().clear()
+    hcfg = compose_config(fixed, hydra=True)
+    multirun = multirun or hcfg.hydra.mode == RunMode.MULTIRUN
+    params = [f"{k}={v}" for k, v in (hcfg.hydra.sweeper.params or {}).items()]
     if not multirun:
         return [overrides]
     parsed = OverridesParser.create().parse_overrides(params + overrides)
@@ -71,8 +79,6 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
 def preflight(argv: list[str]) -> list:
     """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input);
     returns the jobs (their own overrides, result file, and whether it was finished already)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from .results import finished
@@ -82,13 +88,8 @@ def preflight(argv: list[str]) -> list:
 
     try:  # a mistyped value or key, or an unquoted list, would otherwise end in a traceback with exit 1
         points = sweep_points(argv)
-        cfgs = []
-        for job in points:
-            GlobalHydra.instance().clear()
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfgs.append(compose("config", overrides=job))
+        cfgs = [compose_config(job) for job in points]
     except (ConfigCompositionException, OverrideParseException) as e:
-        GlobalHydra.instance().clear()
         _fail(error_line(e))
     jobs = []
     varying = {o.split("=", 1)[0] for job in points for o in job if any(o not in other for other in points)}
@@ -99,7 +100,6 @@ def preflight(argv: list[str]) -> list:
         except UserError as e:
             _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
         jobs.append((Job(swept, prep.path, finished(prep.path)), str(cfg.results.dir)))
-    GlobalHydra.instance().clear()
     return jobs
 
 

@@ -54,20 +54,9 @@ def tokenizer(_tiny_llama_pristine):
 @pytest.fixture(scope="session")
 def compose():
     """compose(*overrides, hydra=False) -> the DictConfig `python -m smt_bench <overrides>` would get."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from smt_bench.__main__ import compose_config
 
-    from smt_bench.__main__ import CONF
-
-    def _compose(*overrides, hydra=False):
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                return hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
-        finally:
-            GlobalHydra.instance().clear()
-
-    return _compose
+    return lambda *overrides, hydra=False: compose_config(list(overrides), hydra=hydra)
 
 
 @pytest.fixture
