@@ -30,7 +30,8 @@ import torch  # noqa: E402
 
 from smt_bench import provenance  # noqa: E402
 from smt_bench.__main__ import compose_config  # noqa: E402
-from smt_bench.analysis.selection import block_set, markdown, pairs  # noqa: E402
+from smt_bench.analysis import figures as F  # noqa: E402
+from smt_bench.analysis.selection import block_set, markdown, pairs, summary  # noqa: E402
 from smt_bench.data.batches import encode  # noqa: E402
 from smt_bench.methods.smt.method import PROJ  # noqa: E402
 from smt_bench.methods.smt.scoring import BlockScorer  # noqa: E402
@@ -147,6 +148,7 @@ def report(args, points: list[dict], checks: list[str], meta: dict) -> str:
              "Self-check: " + "; ".join(checks) + ".", "",
              "## Overlap of selections that differ in one factor", "",
              "Jaccard |A∩B| / |A∪B| of the block sets.", "", *markdown(rows), "",
+             "![SMT selection stability](stability.png) ([PDF](stability.pdf))", "",
              "## Per projection", "",
              "Share of the selected blocks, and selected / eligible blocks (size-fair: GQA makes k and v smaller).", "",
              "| accumulation | score | warm-up steps | seed | " + " | ".join(f"{p} share / rate" for p in projs)
@@ -188,6 +190,10 @@ def main() -> None:
         write_json_atomic(out / "selections" / f"{f['accumulation']}-{f['score']}-w{f['warmup_steps']}-s{f['seed']}.json", p)
     text = report(args, points, checks, meta)
     (out / "report.md").write_text(text, encoding="utf-8")
+    rows = pairs([{**p["factors"], "budget": p["budget"], "blocks": block_set(p["block_map"])} for p in points])
+    with F.styled():
+        F.save(F.selection_stability(summary(rows), "SMT selection stability (warm-up + selection only)"), out,
+               "stability")
     print(text)
 
 

@@ -26,5 +26,6 @@ def test_study_writes_selections_and_a_report_that_passes_its_self_check(tmp_pat
     q = json.loads((out / "selections" / "score_sum-abs_mean-w1-s0.json").read_text())
     assert sorted(map(tuple, q["block_map"])) == sorted(map(tuple, p["block_map"]))
     report = (out / "report.md").read_text()
+    assert (out / "stability.png").stat().st_size > 0 and (out / "stability.pdf").is_file()
     assert "Self-check: SMT.prepare with grad_sum, 1 warm-up steps, seed 0: the same 25 blocks" in report
     assert "| seed | 0.2% | two seeds | 8 |" in report and "| accumulation | 0.2% | grad_sum vs score_sum |" in report

@@ -358,3 +358,24 @@ def published_overlay(groups: list[dict], pal: Palette):
                     color="#a00000", va="top")
         ax.legend(loc="best", fontsize=7)
     return fig
+
+
+# --- SMT selection stability -------------------------------------------------------------------
+def selection_stability(summary_rows: list[dict], title: str):
+    """Mean Jaccard per compared factor (bar) with the lowest pair as a marker, one group per budget."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(summary_rows) + 2.0), 3.6))
+    if not summary_rows:
+        _note(ax, "no two SMT selections differ in exactly one factor")
+    labels = [f"{r['factor']}\n{r['compared']}\n{100 * r['budget']:g}%" for r in summary_rows]
+    x = np.arange(len(summary_rows))
+    colors = {f: c for f, c in zip(("seed", "warmup_steps", "accumulation", "score"),
+                                   ("#4c72b0", "#55a868", "#c44e52", "#8172b2"))}
+    ax.bar(x, [r["mean"] for r in summary_rows], color=[colors.get(r["factor"], "#777777") for r in summary_rows])
+    ax.plot(x, [r["min"] for r in summary_rows], "k_", ms=14, label="lowest pair")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("Jaccard of selected blocks")
+    if summary_rows:
+        ax.legend(loc="lower right")
+    fig.suptitle(_wrap(title))
+    return fig

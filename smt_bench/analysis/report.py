@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import figures as F
 from .load import GROUPS, AnalysisError, Loaded, load
+from .selection import pairs, summary
 from .stats import Plateau, cells as make_cells, detect_plateau, fmt, fmt_budget, pareto_front, select_runs
 
 FIGURES = (  # (stem, title, caption) per setting
@@ -156,6 +157,9 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
                 "smt_blocks": F.smt_blocks(c, maps, pal, label, eligible),
                 "pareto": F.pareto(c, pal, label),
             }
+            stability = pairs(stability_points(runs, loaded.block_maps))
+            if stability:
+                made["smt_stability"] = F.selection_stability(summary(stability), f"SMT selection stability — {label}")
             for stem, fig in made.items():
                 F.save(fig, fig_dir / slug, stem)
         groups, pub_rows = _published_groups(published, cells)
@@ -302,7 +306,7 @@ def _setting_section(c: pd.DataFrame, plateaus: dict[str, Plateau | None], runs:
         out += _table(["method", "budget"] + [col[4:] for col in acc_cols], rows)
 
     out += _smt_section(c, runs)
-    out += _stability_section(runs, block_maps)
+    out += _stability_section(runs, block_maps, slug)
 
     out += ["### Figures", ""]
     for n, (stem, title, caption) in enumerate(FIGURES, 1):
@@ -372,31 +376,34 @@ def _smt_rate_section(sc: pd.DataFrame, srun: pd.DataFrame) -> list[str]:
     return out
 
 
-def _stability_section(runs: pd.DataFrame, block_maps: dict | None) -> list[str]:
-    """Jaccard overlap of SMT block sets between runs that differ in exactly one selection factor."""
-    from .selection import block_set, markdown, pairs
+def stability_points(runs: pd.DataFrame, block_maps: dict | None) -> list[dict]:
+    """The SMT runs of one setting that have a block map, as selection-stability points."""
+    from .selection import block_set
 
     smt = runs[runs["file"].isin(list(block_maps or {}))]
-    if len(smt) < 2:
-        return []
-    own = {"cfg.method.warmup_steps": "warmup_steps", "cfg.method.score_accumulation": "accumulation",
-           "cfg.method.score": "score"}
+    own = {"cfg.method.warmup_steps", "cfg.method.score_accumulation", "cfg.method.score"}
     # the accumulators' placement does not change the sums, so it is not a factor of the selection
     rest = sorted(c for c in smt.columns if c.startswith("cfg.method.") and c not in own
                   and c != "cfg.method.accumulator_device")
-    points = []
-    for _, r in smt.iterrows():
-        points.append({"seed": int(r["seed"]), "warmup_steps": r.get("cfg.method.warmup_steps"),
-                       "accumulation": r.get("cfg.method.score_accumulation"),
-                       "score": r.get("cfg.method.score"), "budget": float(r["budget_fraction"]),
-                       "fixed": tuple(str(r[c]) for c in rest), "blocks": block_set(block_maps[r["file"]])})
-    rows = pairs(points)
+    return [{"seed": int(r["seed"]), "warmup_steps": r.get("cfg.method.warmup_steps"),
+             "accumulation": r.get("cfg.method.score_accumulation"), "score": r.get("cfg.method.score"),
+             "budget": float(r["budget_fraction"]), "fixed": tuple(str(r[c]) for c in rest),
+             "blocks": block_set(block_maps[r["file"]])} for _, r in smt.iterrows()]
+
+
+def _stability_section(runs: pd.DataFrame, block_maps: dict | None, slug: str) -> list[str]:
+    """Jaccard overlap of SMT block sets between runs that differ in exactly one selection factor."""
+    from .selection import markdown, pairs
+
+    rows = pairs(stability_points(runs, block_maps))
     if not rows:
         return []
+    title = "SMT selection stability"
     return ["### SMT selection stability", "",
             "Jaccard overlap |A∩B| / |A∪B| of the selected block sets of two SMT runs at the same budget that "
             "differ in exactly one of seed, warm-up steps, score accumulation and score kind (the seed changes the "
-            "warm-up batches).", "", *markdown(rows), ""]
+            "warm-up batches).", "", *markdown(rows), "",
+            f"![{title}](figures/{slug}/smt_stability.png) ([PDF](figures/{slug}/smt_stability.pdf))", ""]
 
 
 def _published_groups(published: pd.DataFrame, cells: pd.DataFrame):
