@@ -143,6 +143,8 @@ def execute(cfg: DictConfig) -> dict | None:
     except KeyboardInterrupt:
         result["run_info"].update(status="cancelled", error="KeyboardInterrupt")
         raise
+    except UserError:  # bad input found only once the data is tokenised: one line, exit 2, no result file
+        raise
     except Exception as e:
         oom = isinstance(e, torch.OutOfMemoryError)
         result["run_info"].update(status="oom" if oom else "failed", error=f"{type(e).__name__}: {e}",
@@ -152,8 +154,8 @@ def execute(cfg: DictConfig) -> dict | None:
         result["run_info"]["wall_time_s"] = time.perf_counter() - t_wall
         if result["run_info"]["status"] != "running":
             write_json_atomic(prep.path, result)
-            logger.finish(result.get("summary", {}))
             print(run_line(result, prep.path), flush=True)
+        logger.finish(result.get("summary", {}))
     return result
 
 

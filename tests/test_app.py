@@ -158,6 +158,18 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path,
     assert not results.exists() and proc.stdout == ""
 
 
+def test_bad_input_found_once_tokenised_is_one_line_and_no_result_file(cli, tmp_path, smollm2_path):
+    """Every record longer than train.max_len loses its whole response: that shows only after
+    tokenisation (past the preflight), and still ends as bad input, not as a failed run."""
+    results = tmp_path / "results"
+    proc = cli(*TINY, "method=lora", "budget.fraction=0.005", "train.max_len=8", f"results.dir={results}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("smt-bench: error: ")]
+    assert lines == [lines[0]] and re.search(r"only 0 training examples \(after truncation to train\.max_len\)",
+                                             lines[0]), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not results.exists()
+
+
 # --- the result file of one run -----------------------------------------------------------------
 
 RUN = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=4", "train.batch_size=2",
