@@ -180,9 +180,9 @@ def main() -> None:
     args = ap.parse_args()
     args.steps = sorted(set(args.steps))
     args.overrides = [*args.overrides, f"method.selection={args.selection}"]
+    meta = provenance.meta_info(torch.device("cpu"))  # the code that runs: read before it does
     points = [p for s in args.seeds for p in study_seed(s, args)]
     checks = self_check(args, points)
-    meta = provenance.meta_info(torch.device("cpu"))
     out = Path(args.out)
     for p in points:
         f = p["factors"]
