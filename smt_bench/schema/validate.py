@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
 import typing
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -20,10 +21,16 @@ from .spec import invalid, shown
 def validate(cfg: DictConfig) -> None:
     try:
         _walk(cfg, "")
-    except UserError:
-        raise
     except OmegaConfBaseException as e:  # met while resolving an interpolation
         raise UserError(error_line(e)) from None
+
+
+def no_such_key(key: str, at: str, names: list[str]) -> str:
+    """`train.max_stepz: no such key; did you mean train.max_steps? (train has: ...)`."""
+    near = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean {at + '.' if at else ''}{near[0]}? " if near else ""
+    have = ", ".join(n for n in names if n != "_target_") or "no keys"
+    return f"{at + '.' if at else ''}{key}: no such key; {hint}({at or 'the config'} has: {have})"
 
 
 def _value(node: DictConfig, key: str):
@@ -43,10 +50,7 @@ def _walk(node: DictConfig, at: str) -> None:
     names = [f.name for f in dataclasses.fields(schema)]
     for key in node:  # `+group.key=...` adds a key the schema does not have: it would be ignored
         if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {at + '.' if at else ''}{near[0]}? " if near else ""
-            raise UserError(f"{at + '.' if at else ''}{key}: no such key; {hint}({at or 'the config'} has: "
-                            f"{', '.join(n for n in names if n != '_target_')})")
+            raise UserError(no_such_key(str(key), at, names))
     for f in dataclasses.fields(schema):
         valid = f.metadata.get("valid")
         if valid is not None and f.name in node:
@@ -62,7 +66,7 @@ def _walk(node: DictConfig, at: str) -> None:
 
 def _type_words(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return f"{_type_words(rest[0])} or null"
     if origin in (list, typing.List):
@@ -96,11 +100,6 @@ def error_line(e: Exception) -> str:
 
 
 def _unknown_key(cause) -> str:
-    key = cause.full_key
+    group, _, name = cause.full_key.rpartition(".")
     parent = getattr(cause, "parent_node", None)
-    group, _, name = key.rpartition(".")
-    have = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
-    near = difflib.get_close_matches(name, have, n=1)
-    hint = f"did you mean {group + '.' if group else ''}{near[0]}? " if near else ""
-    keys = f"{group or 'the config'} has: {', '.join(k for k in have if k != '_target_') or 'no keys'}"
-    return f"{key}: no such key; {hint}({keys})"
+    return no_such_key(name, group, [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else [])
