@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from smt_bench import provenance  # noqa: E402
 from smt_bench.__main__ import compose_config  # noqa: E402
 from smt_bench.analysis import figures as F  # noqa: E402
-from smt_bench.analysis.selection import block_set, markdown, pairs, summary  # noqa: E402
+from smt_bench.analysis.selection import block_set, by_context, markdown, pairs, summary  # noqa: E402
 from smt_bench.data.batches import encode  # noqa: E402
 from smt_bench.methods.smt.method import PROJ  # noqa: E402
 from smt_bench.methods.smt.scoring import BlockScorer  # noqa: E402
@@ -141,7 +141,7 @@ def report(args, points: list[dict], checks: list[str], meta: dict) -> str:
     projs = list(points[0]["eligible_blocks"])
     git = meta["git"]
     lines = ["# SMT selection stability", "",
-             f"`python scripts/smt_selection_study.py {' '.join(sys.argv[1:])}` at {(git['sha'] or '?')[:7]}"
+             f"`python {' '.join(meta['argv'])}` at {(git['sha'] or '?')[:7]}"
              f"{' (dirty)' if git['dirty'] else ''}; {meta['device']['name']}, torch {meta['versions']['torch']}. "
              f"{points[0]['blocks']} blocks of {points[0]['block_size']}² ({100 * points[0]['budget']:g}% budget), "
              f"selection `{args.selection}`, score_only warm-up on the run's own warm-up stream.", "",
@@ -149,6 +149,8 @@ def report(args, points: list[dict], checks: list[str], meta: dict) -> str:
              "## Overlap of selections that differ in one factor", "",
              "Jaccard |A∩B| / |A∪B| of the block sets.", "", *markdown(rows), "",
              "![SMT selection stability](stability.png) ([PDF](stability.pdf))", "",
+             "The same pairs by what else they share (pooled over seeds where the seed is not the factor):", "",
+             *by_context(rows), "",
              "## Per projection", "",
              "Share of the selected blocks, and selected / eligible blocks (size-fair: GQA makes k and v smaller).", "",
              "| accumulation | score | warm-up steps | seed | " + " | ".join(f"{p} share / rate" for p in projs)
@@ -176,18 +178,27 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--selection", default="global")
     ap.add_argument("--out", default=str(REPO / "results" / "smt-selection-study"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite report.md and the figure from the selection files under --out")
     ap.add_argument("overrides", nargs="*", help="more smt_bench overrides, e.g. model=tiny-llama")
     args = ap.parse_args()
     args.steps = sorted(set(args.steps))
     args.overrides = [*args.overrides, f"method.selection={args.selection}"]
-    meta = provenance.meta_info(torch.device("cpu"))  # the code that runs: read before it does
-    points = [p for s in args.seeds for p in study_seed(s, args)]
-    checks = self_check(args, points)
     out = Path(args.out)
-    for p in points:
-        f = p["factors"]
-        p["meta_info"] = meta
-        write_json_atomic(out / "selections" / f"{f['accumulation']}-{f['score']}-w{f['warmup_steps']}-s{f['seed']}.json", p)
+    if args.report_only:
+        points = [json.loads(p.read_text()) for p in sorted((out / "selections").glob("*.json"))]
+        if not points:
+            raise SystemExit(f"no selection files under {out / 'selections'}")
+        meta, checks = points[0]["meta_info"], json.loads((out / "self_check.json").read_text())
+    else:
+        meta = provenance.meta_info(torch.device("cpu"))  # the code that runs: read before it does
+        points = [p for s in args.seeds for p in study_seed(s, args)]
+        checks = self_check(args, points)
+        for p in points:
+            f = p["factors"]
+            p["meta_info"] = meta
+            write_json_atomic(out / "selections" / f"{f['accumulation']}-{f['score']}-w{f['warmup_steps']}-s{f['seed']}.json", p)
+        write_json_atomic(out / "self_check.json", checks)
     text = report(args, points, checks, meta)
     (out / "report.md").write_text(text, encoding="utf-8")
     rows = pairs([{**p["factors"], "budget": p["budget"], "blocks": block_set(p["block_map"])} for p in points])

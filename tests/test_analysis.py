@@ -475,7 +475,7 @@ def test_selection_stability_pairs_runs_that_differ_in_one_factor(tmp_path):
 
 
 def test_jaccard_and_pairs():
-    from smt_bench.analysis.selection import block_set, jaccard, pairs, summary
+    from smt_bench.analysis.selection import block_set, by_context, jaccard, pairs, summary
 
     a, b = block_set([[0, "v_proj", 0, 0], [0, "v_proj", 0, 1]]), block_set([[0, "v_proj", 0, 1]])
     assert jaccard(a, b) == 0.5 and jaccard(a, a) == 1.0 and jaccard(frozenset(), frozenset()) == 1.0
@@ -485,6 +485,9 @@ def test_jaccard_and_pairs():
     rows = pairs(pts)
     assert sorted((r["factor"], r["jaccard"]) for r in rows) == [("accumulation", 0.5), ("seed", 0.5)]
     assert [s["compared"] for s in summary(rows)] == ["two seeds", "grad_sum vs score_sum"]
+    table = by_context(rows)
+    assert table[2:] == ["| seed | 1% | two seeds | warmup_steps=4, accumulation=grad_sum, score=abs_mean | 1 | 0.500 | 0.500 |",
+                         "| accumulation | 1% | grad_sum vs score_sum | warmup_steps=4, score=abs_mean | 1 | 0.500 | 0.500 |"]
 
 
 def test_smt_runs_from_before_the_accumulation_option_read_as_score_sum(tmp_path):

@@ -29,3 +29,9 @@ def test_study_writes_selections_and_a_report_that_passes_its_self_check(tmp_pat
     assert (out / "stability.png").stat().st_size > 0 and (out / "stability.pdf").is_file()
     assert "Self-check: SMT.prepare with grad_sum, 1 warm-up steps, seed 0: the same 25 blocks" in report
     assert "| seed | 0.2% | two seeds | 8 |" in report and "| accumulation | 0.2% | grad_sum vs score_sum |" in report
+    # the report regenerates from the selection files alone, byte for byte
+    (out / "report.md").unlink()
+    again = subprocess.run([sys.executable, str(REPO / "scripts" / "smt_selection_study.py"), "--report-only",
+                            "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "report.md").read_text() == report

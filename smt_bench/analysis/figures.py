@@ -366,7 +366,8 @@ def selection_stability(summary_rows: list[dict], title: str):
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(summary_rows) + 2.0), 3.6))
     if not summary_rows:
         _note(ax, "no two SMT selections differ in exactly one factor")
-    labels = [f"{r['factor']}\n{r['compared']}\n{100 * r['budget']:g}%" for r in summary_rows]
+    labels = [f"{r['factor']}\n{r['compared'].replace(' vs ', chr(10) + 'vs ')}\n{100 * r['budget']:g}%"
+              for r in summary_rows]
     x = np.arange(len(summary_rows))
     colors = {f: c for f, c in zip(("seed", "warmup_steps", "accumulation", "score"),
                                    ("#4c72b0", "#55a868", "#c44e52", "#8172b2"))}

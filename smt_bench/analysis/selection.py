@@ -67,3 +67,23 @@ def markdown(rows: list[dict]) -> list[str]:
         out.append(f"| {s['factor']} | {100 * s['budget']:g}% | {s['compared']} | {s['pairs']} | "
                    f"{s['mean']:.3f} | {s['min']:.3f} |")
     return out
+
+
+def by_context(rows: list[dict]) -> list[str]:
+    """A markdown table of the pairs grouped by what else they share (all but the seed, which pools),
+    so e.g. the seed's effect is read at each warm-up length and estimator."""
+    groups: dict[tuple, list[float]] = {}
+    order: dict[tuple, tuple] = {}
+    for r in rows:
+        same = [(k, v) for k, v in r["same"].items() if k != "seed"]
+        key = (r["factor"], r["budget"], _compared(r), ", ".join(f"{k}={v}" for k, v in same))
+        groups.setdefault(key, []).append(r["jaccard"])
+        order[key] = (FACTORS.index(r["factor"]), r["budget"], _order(r["a"]), _order(r["b"]),
+                      tuple(_order(v) for _, v in same))
+    out = ["| factor | budget | compared | with | pairs | mean Jaccard | min Jaccard |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(groups, key=order.__getitem__):
+        f, b, c, w = key
+        js = groups[key]
+        out.append(f"| {f} | {100 * b:g}% | {c} | {w} | {len(js)} | {statistics.fmean(js):.3f} | {min(js):.3f} |")
+    return out
