@@ -67,7 +67,7 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     git = meta["git"]
-    lines = [f"# Eval wall time on SmolLM2-135M (CPU)\n",
+    lines = ["# Eval wall time on SmolLM2-135M (CPU)\n",
              f"`python scripts/bench_eval.py --repeats {args.repeats} --gsm8k {args.gsm8k}` at "
              f"{(git['sha'] or '?')[:7]}{' (dirty)' if git['dirty'] else ''}; {meta['device']['name']}, "
              f"{meta['device']['torch_threads']} threads; torch {meta['versions']['torch']}, lm-eval "
