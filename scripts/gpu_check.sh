@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU check, for a session that is lent a device: the kernel tests with the Triton kernels compiled
+# (TRITON_INTERPRET=0; bf16 included, in test_triton_compiled_on_gpu_incl_bf16) and the kernel benchmark
+# at LLaMA-7B layer shapes. Run from the repository root on the device machine, e.g. through the device
+# tool:  bash scripts/gpu_check.sh        (writes to $OUT, else results/gpu; commit what it measured there)
+#
+# The device image has torch, triton and pytest but not this project's other dependencies, and nothing
+# can be installed there, so smt_bench.kernels is put on the path as pyproject maps it (kernels/ ->
+# smt_bench.kernels) instead of installing the package. Only the kernel tests run: they need torch alone.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-results/gpu}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device visible to $PY; run this on the device machine" >&2
+  exit 2
+fi
+
+shim=$(mktemp -d)
+mkdir "$shim/smt_bench"
+for f in smt_bench/*; do ln -s "$PWD/$f" "$shim/smt_bench/$(basename "$f")"; done
+ln -s "$PWD/kernels" "$shim/smt_bench/kernels"
+export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  git rev-parse HEAD 2>/dev/null || echo "git sha unknown"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT_DIR/device.txt" 2>&1
+cat "$OUT_DIR/device.txt"
+
+# -o addopts= drops the project's pytest options (pytest-timeout may be absent there); -p no:cacheprovider
+# keeps the tree clean
+"$PY" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -o addopts= 2>&1 | tee "$OUT_DIR/kernel_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+"$PY" scripts/bench_kernels.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench_kernels.log"
+bench_rc=${PIPESTATUS[0]}
+
+rm -rf "$shim"
+echo "gpu_check: kernel tests exit $tests_rc, kernel bench exit $bench_rc; files in $OUT_DIR"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
