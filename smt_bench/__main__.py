@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from .errors import EXIT_BAD_INPUT, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, UserError
 from .schema.store import register
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -35,14 +36,33 @@ def check_group_choices(argv: list[str], conf: Path = CONF) -> None:
                 _fail(f"unknown {key} {v!r}; choose one of: {', '.join(choices)}{hint}")
 
 
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
 def app(cfg: DictConfig) -> None:
-    from .run import execute
+    """A run that diverges, runs out of memory or fails is recorded in its result file; in a sweep the
+    next job goes on (the sweep's table lists it, and rerunning the sweep runs it again)."""
+    from .preemption import Preempted
+    from .run import RunFailed, execute
 
     try:
         execute(cfg)
     except UserError as e:
         _fail(str(e))
+    except RunFailed as e:
+        if e.__cause__ is not None:
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"smt-bench: run failed: {e}", file=sys.stderr, flush=True)
+        if not _multirun():
+            sys.exit(EXIT_RUN_FAILED)
+    except Preempted as e:  # checkpointed: the same command resumes (submitit requeues it on a cluster)
+        print(f"smt-bench: preempted by {e}; checkpoint saved", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 def compose_config(overrides: list[str], hydra: bool = False):
@@ -104,6 +124,8 @@ def preflight(argv: list[str]) -> list:
 
 
 def main() -> None:
+    from .results import finished
+
     argv = sys.argv[1:]
     check_group_choices(argv)
     if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
@@ -117,6 +139,8 @@ def main() -> None:
             from .summary import sweep_table
 
             print(sweep_table([j for j, _ in jobs], [d for _, d in jobs]), flush=True)
+    if len(jobs) > 1 and not all(finished(j.path) for j, _ in jobs):
+        sys.exit(EXIT_RUN_FAILED)  # the table says which; rerunning the sweep runs only those
 
 
 if __name__ == "__main__":

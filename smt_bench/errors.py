@@ -1,6 +1,7 @@
 """Bad input is reported as one line and exit status 2, before any training starts."""
 
 EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1  # a run (or a job of a sweep) diverged, ran out of memory or failed
 
 
 class UserError(Exception):

@@ -16,12 +16,18 @@ PACKAGES = ("torch", "transformers", "peft", "hydra-core", "lm-eval", "triton", 
             "numpy", "pandas", "wandb")
 REPO = Path(__file__).resolve().parents[1]
 
-# Config keys that do not change what a run computes: left out of the run id.
-NON_SEMANTIC = ("results", "logger")
+# Config keys that do not change what a run computes: left out of the run id (a resumed run that
+# checkpoints at another interval is the same run).
+NON_SEMANTIC = ("results", "logger", "train.checkpoint_every")
 
 
 def config_hash(cfg: dict) -> str:
     semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC}
+    for key in NON_SEMANTIC:
+        if "." in key:
+            group, name = key.split(".", 1)
+            if isinstance(semantic.get(group), dict) and name in semantic[group]:
+                semantic[group] = {k: v for k, v in semantic[group].items() if k != name}
     blob = json.dumps(semantic, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

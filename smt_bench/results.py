@@ -53,6 +53,11 @@ def run_file(results_dir: str | Path, group: str, method: str, fraction: float, 
     return Path(results_dir) / "runs" / group / f"{method}-b{fraction:g}-s{seed}-{run_id}.json"
 
 
+def checkpoint_dir(result_path: Path) -> Path:
+    """A run's checkpoints go beside its result file: the same command finds them again."""
+    return result_path.with_suffix(".ckpt")
+
+
 def finished(path: Path) -> bool:
     try:
         return json.loads(path.read_text())["run_info"]["status"] == "finished"

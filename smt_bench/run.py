@@ -19,16 +19,19 @@ from omegaconf.errors import MissingMandatoryValue
 from hydra.errors import InstantiationException
 
 from . import provenance
-from .data.batches import batch_stream, collate, encode
-from .errors import UserError
+from .checkpoint import CheckpointDir
+from .data.batches import BatchStream, collate, encode
 from .data.bundled import BundledSuite
+from .distributed import World
+from .errors import UserError
 from .memory import PeakMemory
-from .methods.base import Warmup
+from .methods.base import Context
 from .models import meta_shapes
-from .results import SCHEMA_VERSION, finished, probe_writable, run_file, write_json_atomic
+from .preemption import Preempted
+from .results import SCHEMA_VERSION, checkpoint_dir, finished, probe_writable, run_file, write_json_atomic
 from .schema.validate import validate
 from .summary import run_line
-from .trainer import autocast_for, forward_loss, train
+from .trainer import Diverged, autocast_for, forward_loss, train
 
 
 def _build(node, what: str):
@@ -105,10 +108,11 @@ class Prepared:
         probe_writable(self.path.parent, "results.dir", cfg.results.dir)
 
 
-def warmup_for(train_ex: list[dict], batch_size: int, pad_id: int, seed: int, dev: torch.device) -> Warmup:
-    """The batches and loss a method's own pre-training phase (SMT's warm-up) uses: a stream of its own,
-    seeded apart from the training stream, so the training batches do not depend on the method."""
-    warm_stream = batch_stream(train_ex, batch_size, pad_id, seed=seed + 10_000)
+def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int, dev: torch.device,
+                   world: World | None = None) -> Context:
+    """What a method's own pre-training phase (SMT's warm-up) uses: a stream of its own, seeded apart from
+    the training stream, so the training batches do not depend on the method."""
+    warm_stream = BatchStream(train_ex, batch_size, pad_id, seed=seed + 10_000)
 
     def batches(n):
         for _ in range(n):
@@ -118,48 +122,101 @@ def warmup_for(train_ex: list[dict], batch_size: int, pad_id: int, seed: int, de
         with autocast_for(dev):
             return forward_loss(m, batch)
 
-    return Warmup(batches=batches, loss=loss)
+    return Context(batches=batches, loss=loss, device=dev, world=world or World.current())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class RunFailed(Exception):
+    """The run ended as diverged, oom or failed; its result file says how (a sweep goes on)."""
 
 
 def execute(cfg: DictConfig) -> dict | None:
-    """Validates (UserError on bad input), then runs; returns the result dict (None if skipped)."""
+    """Validates (UserError on bad input), then runs or resumes; returns the result dict (None if skipped).
+
+    Ends: finished; preempted (Preempted, after a checkpoint); diverged / oom / failed (RunFailed, recorded);
+    cancelled (KeyboardInterrupt). A run killed outright leaves its file `running` and its last checkpoint.
+    """
     prep = Prepared(cfg)
     if cfg.results.skip_finished and finished(prep.path):
         print(f"[smt-bench] {prep.path} already finished; skipping (results.skip_finished=false to rerun)")
         return None
+    ckpts = CheckpointDir(checkpoint_dir(prep.path))
+    if not cfg.results.resume:
+        ckpts.remove()
+    world = World.current()
     logger = _build(cfg.logger, "logger")
-    created = datetime.now(timezone.utc).isoformat()
     result = {
         "schema_version": SCHEMA_VERSION,
-        "run_info": {"id": prep.run_id, "created_at": created, "command": " ".join(sys.argv),
-                     "status": "running", "error": None},
+        "run_info": {"id": prep.run_id, "created_at": _now(), "command": " ".join(sys.argv),
+                     "status": "running", "error": None, "checkpoint_step": ckpts.latest_step()},
         "config": prep.container,
         "meta_info": provenance.meta_info(prep.device),
     }
+    info = result["run_info"]
     t_wall = time.perf_counter()
+    started = False
+
+    def heartbeat(step: int | None = None) -> None:
+        """The result file says `running` (and the last checkpoint) while training: a run killed outright is
+        then listed by the analysis and rerun by the sweep."""
+        nonlocal started
+        started = True
+        if step is not None:
+            info["checkpoint_step"] = step
+        info.update(updated_at=_now(), wall_time_s=time.perf_counter() - t_wall)
+        if world.is_main:
+            write_json_atomic(prep.path, result)
+
     try:
-        result.update(_run(prep, logger))
-        result["run_info"]["status"] = "finished"
-    except KeyboardInterrupt:
-        result["run_info"].update(status="cancelled", error="KeyboardInterrupt")
-        raise
+        result.update(_run(prep, logger, ckpts, heartbeat, world))
+        info["status"] = "finished"
     except UserError:  # bad input found only once the data is tokenised: one line, exit 2, no result file
+        if started and world.is_main:
+            prep.path.unlink(missing_ok=True)
+        info["status"] = "bad_input"
         raise
+    except Preempted as e:
+        info.update(status="preempted", error=str(e), checkpoint_step=ckpts.latest_step())
+        raise
+    except KeyboardInterrupt:
+        info.update(status="cancelled", error="KeyboardInterrupt")
+        raise
+    except Diverged as e:
+        info.update(status="diverged", error=str(e), diverged_at_step=e.step)
+        raise RunFailed(str(e)) from None
     except Exception as e:
         oom = isinstance(e, torch.OutOfMemoryError)
-        result["run_info"].update(status="oom" if oom else "failed", error=f"{type(e).__name__}: {e}",
-                                  traceback=traceback.format_exc())
-        raise
+        info.update(status="oom" if oom else "failed", error=f"{type(e).__name__}: {e}",
+                    traceback=traceback.format_exc())
+        if oom:
+            info["batch_size"] = cfg.train.batch_size
+            _release_memory(prep.device)
+        raise RunFailed(info["error"]) from e
     finally:
-        result["run_info"]["wall_time_s"] = time.perf_counter() - t_wall
-        if result["run_info"]["status"] != "running":
+        info["wall_time_s"] = time.perf_counter() - t_wall
+        info["updated_at"] = _now()
+        if info["status"] not in ("running", "bad_input") and world.is_main:
             write_json_atomic(prep.path, result)
             print(run_line(result, prep.path), flush=True)
         logger.finish(result.get("summary", {}))
+    if world.is_main:
+        ckpts.remove()  # the result (and export) hold what a finished run keeps
     return result
 
 
-def _run(prep: Prepared, logger) -> dict:
+def _release_memory(device: torch.device) -> None:
+    """After an OOM the next job of the sweep gets the device back."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) -> dict:
     cfg, tc, dev = prep.cfg, prep.cfg.train, prep.device
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
@@ -180,20 +237,31 @@ def _run(prep: Prepared, logger) -> dict:
     val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
     val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
                    for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
-    stream = batch_stream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed)
+    stream = BatchStream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed)
+    context = method_context(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, dev, world)
 
+    saved = ckpts.load()
     t0 = time.perf_counter()
     mem.start()  # a method's own pre-training phase (SMT's warm-up) has its peak recorded apart
-    model = prep.method.prepare(model, prep.plan, warmup_for(train_ex, tc.batch_size, tok.pad_token_id,
-                                                             cfg.seed, dev))
+    if saved is None:
+        tuned = prep.method.prepare(model, prep.plan, context)
+    else:
+        print(f"[smt-bench] resuming {prep.path.name} from its checkpoint at step {saved.step}", flush=True)
+        tuned = prep.method.resume(model, prep.plan, context, saved.tuned, saved.tuned_meta)
     prepare_peak = mem.stop()
     prepare_s = time.perf_counter() - t0
-    trainable = prep.method.trainable_parameters(model)
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in tuned.trainable_parameters())
     if n_trainable != prep.plan.achieved_params:
         raise RuntimeError(f"{prep.method.name} planned {prep.plan.achieved_params} trainable params "
                            f"but the model has {n_trainable}")
-    train_info = train(model, prep.method, stream, val_batches, tc, dev, logger, mem)
+
+    def save(ckpt) -> None:
+        if world.is_main:
+            ckpts.save(ckpt)
+            heartbeat(ckpt.step)
+
+    heartbeat()
+    train_info = train(tuned, stream, val_batches, tc, dev, logger, mem, save=save, resume=saved)
     N = prep.shapes.total_params
     train_info.update({
         "trainable_params_target": prep.target,
@@ -206,16 +274,17 @@ def _run(prep: Prepared, logger) -> dict:
         "prepare_time_s": prepare_s,
         "prepare_peak_memory_bytes": prepare_peak,
     })
-    method_report = prep.method.report(model)
-    if cfg.results.export:  # beside the result file, named like it
+    method_report = dict(tuned.report())
+    if cfg.results.export and world.is_main:  # beside the result file, named like it
         out_dir = prep.path.with_suffix("")
         out_dir.mkdir(parents=True, exist_ok=True)
-        method_report["exported"] = prep.method.export(model, str(out_dir), cfg.model.name)
+        method_report["exported"] = tuned.export(str(out_dir), cfg.model.name)
     evaluation = None
     if prep.eval_plan is not None and not cfg.eval.merge:
         evaluated = "tuned (unmerged)"
+        model = tuned.model
     else:
-        model = prep.method.merged(model)
+        model = tuned.merged()
         evaluated = "merged"
     if prep.eval_plan is not None:
         from .evaluation.forgetting import forgetting_entry, measure

@@ -5,12 +5,15 @@ import math
 import statistics
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import Checkpoint, rng_state, set_rng_state
 from .memory import PeakMemory, breakdown, saved_activation_bytes
+from .preemption import PreemptionWatch
 
 
 def forward_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -60,73 +63,122 @@ def validation_loss(model, batches, device) -> float | None:
     return tot / max(n, 1)
 
 
-def train(model: nn.Module, method, stream, val_batches: list, cfg, device: torch.device, logger,
-          mem: PeakMemory | None = None) -> dict:
-    """Runs cfg.max_steps optimizer steps; returns losses, timings and memory for the result file.
+class Diverged(Exception):
+    """A non-finite loss: the run stops before the step that would apply it."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"non-finite loss {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, mem: PeakMemory | None = None,
+          save: Callable[[Checkpoint], None] | None = None, resume: Checkpoint | None = None) -> dict:
+    """Runs optimizer steps up to cfg.max_steps; returns losses, timings and memory for the result file.
 
     `mem` carries the memory baseline (taken after the model loaded); without one, it is taken here.
+    `save` receives a Checkpoint every cfg.checkpoint_every steps and when a preemption signal arrives;
+    `resume` (a loaded Checkpoint; the Tuned already holds its tensors) continues after its step.
     """
     from transformers import get_scheduler
 
-    params = method.trainable_parameters(model)
-    opt = method.build_optimizer(params, betas=tuple(cfg.betas), eps=cfg.eps)
+    params = tuned.trainable_parameters()
+    opt = tuned.build_optimizer(betas=tuple(cfg.betas), eps=cfg.eps)
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
                           num_training_steps=cfg.max_steps)
+    progress = {"losses": [], "val_curve": [], "step_times": [], "tokens": 0, "train_s": 0.0, "peak_memory_bytes": 0,
+                "checkpoint_s": 0.0, "checkpoints": 0}
+    start = 1
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        sched.load_state_dict(resume.scheduler)
+        stream.load_state_dict(resume.stream)
+        set_rng_state(resume.rng, device)
+        progress.update(resume.progress)
+        start = resume.step + 1
+    model = tuned.model
     if cfg.gradient_checkpointing:
         _checkpointing(model, True)
     model.train()
 
-    losses, val_curve, step_times, tokens = [], [], [], 0
+    losses, val_curve, step_times = progress["losses"], progress["val_curve"], progress["step_times"]
     activations: dict = {}
     mem = mem or PeakMemory(device)
     mem.start()
-    t_train = time.perf_counter()
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=f"train {method.name}", dynamic_ncols=True, mininterval=1.0)
-    for step in bar:
-        _sync(device)
+    t_train, checkpoint_s0 = time.perf_counter(), progress["checkpoint_s"]
+
+    def checkpoint(step: int) -> None:
+        """Saving copies tensors to host memory: its time and memory are kept out of the training figures."""
+        if save is None:
+            return
         t0 = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
-            measure = saved_activation_bytes(activations) if step == 1 and micro == 0 else nullcontext()
-            with measure, autocast_for(device):
-                loss = forward_loss(model, batch) / cfg.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
-            step_tokens += int(batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        dt = time.perf_counter() - t0
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step}")
-        step_times.append(dt)
-        tokens += step_tokens
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
-        if step % cfg.log_every == 0:
-            logger.log({"train/loss": step_loss, "train/lr": sched.get_last_lr()[0], "train/tokens_per_s": step_tokens / dt,
-                        **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {})}, step)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-            v = validation_loss(model, val_batches, device)
-            if v is not None:
-                val_curve.append([step, v])
-                logger.log({"val/loss": v}, step)
-    train_s = time.perf_counter() - t_train
-    peak = mem.stop()
+        progress["peak_memory_bytes"] = max(progress["peak_memory_bytes"], mem.stop())
+        tensors, meta = tuned.state_dict()
+        save(Checkpoint(step=step, tuned=tensors, tuned_meta=meta, optimizer=opt.state_dict(),
+                        scheduler=sched.state_dict(), stream=stream.state_dict(), rng=rng_state(device),
+                        progress={**progress, "train_s": progress["train_s"] + elapsed()}))
+        mem.start()
+        progress["checkpoints"] += 1
+        progress["checkpoint_s"] += time.perf_counter() - t0
+
+    def elapsed() -> float:  # training time of this process so far, checkpoint saves excluded
+        return time.perf_counter() - t_train - (progress["checkpoint_s"] - checkpoint_s0)
+
+    bar = tqdm(range(start, cfg.max_steps + 1), desc=f"train {tuned.method.name}", dynamic_ncols=True,
+               mininterval=1.0, initial=start - 1, total=cfg.max_steps)
+    with PreemptionWatch() as watch:
+        for step in bar:
+            _sync(device)
+            t0 = time.perf_counter()
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+                first = step == start and micro == 0  # activations are measured once per process
+                measure = saved_activation_bytes(activations) if first else nullcontext()
+                with measure, autocast_for(device):
+                    loss = forward_loss(model, batch) / cfg.grad_accum
+                loss.backward()
+                step_loss += float(loss.detach())
+                step_tokens += int(batch["attention_mask"].sum())
+            if not math.isfinite(step_loss):
+                raise Diverged(step, step_loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            progress["tokens"] += step_tokens
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{step_tokens / dt:.0f}")
+            if step % cfg.log_every == 0:
+                logger.log({"train/loss": step_loss, "train/lr": sched.get_last_lr()[0],
+                            "train/tokens_per_s": step_tokens / dt,
+                            **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {})}, step)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
+                v = validation_loss(model, val_batches, device)
+                if v is not None:
+                    val_curve.append([step, v])
+                    logger.log({"val/loss": v}, step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                checkpoint(step)
+            watch.handle(step, lambda: checkpoint(step))
+    train_s = progress["train_s"] + elapsed()
+    peak = max(progress["peak_memory_bytes"], mem.stop())
     if cfg.gradient_checkpointing:
         _checkpointing(model, False)
     return {
         "steps": cfg.max_steps,
+        "resumed_from_step": None if resume is None else resume.step,
         "loss_curve": losses,
         "val_loss_curve": val_curve,
         "final_train_loss": statistics.fmean(losses[-5:]),
-        "train_time_s": train_s,
+        "train_time_s": train_s,  # checkpoint saves excluded (checkpoint_time_s)
+        "checkpoints": progress["checkpoints"],
+        "checkpoint_time_s": progress["checkpoint_s"],
         "median_step_time_s": statistics.median(step_times),
-        "tokens": tokens,
-        "tokens_per_s": tokens / train_s,
+        "tokens": progress["tokens"],
+        "tokens_per_s": progress["tokens"] / train_s,
         "peak_memory_bytes": peak,
         "peak_memory_kind": mem.kind,
         "memory_breakdown_bytes": breakdown(model, params, opt, activations),

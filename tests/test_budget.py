@@ -37,7 +37,7 @@ def _peft_count(model: str, kind: str, rank: int) -> int:
     """Trainable numel after prepare() at this rank, on a meta-device copy of the model."""
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(_hf_config(model))
-    prepared = _method(kind).prepare(base, Plan(0, 0, {"rank": rank}), None)
+    prepared = _method(kind).prepare(base, Plan(0, 0, {"rank": rank}), None).model
     return _n_trainable(prepared)
 
 
@@ -70,7 +70,7 @@ def test_tiny_llama_plan_is_the_closest_real_count(kind, fraction, tiny_llama):
     assert plan.target_params == target
 
     # the count the plan promises is the real numel of requires_grad parameters after prepare()
-    prepared = method.prepare(model, plan, None)
+    prepared = method.prepare(model, plan, None).model
     real = _n_trainable(prepared)
     assert real == plan.achieved_params
     # only adapter parameters train (DoRA: lora_A, lora_B and lora_magnitude_vector)
@@ -132,7 +132,7 @@ def test_full_ft_trains_every_parameter(tiny_llama):
     shapes = shapes_of(model)
     plan = FullFT(name="full_ft", lr=1e-5).plan(shapes, 123)
     assert plan.achieved_params == plan.target_params == shapes.total_params == 3_219_776
-    prepared = FullFT(name="full_ft", lr=1e-5).prepare(model, plan, None)
+    prepared = FullFT(name="full_ft", lr=1e-5).prepare(model, plan, None).model
     assert _n_trainable(prepared) == plan.achieved_params
 
 

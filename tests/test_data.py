@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from smt_bench.data.batches import IGNORE, batch_stream, collate, encode
+from smt_bench.data.batches import IGNORE, BatchStream, collate, encode
 from smt_bench.data.bundled import TASKS, BundledSuite
 from smt_bench.data.records import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, LocalJSON, prompt_of, read_records
 from smt_bench.errors import UserError
@@ -193,7 +193,7 @@ def test_batch_stream_is_seeded_and_covers_each_epoch():
     exs = [{"input_ids": [i, i], "labels": [i, i]} for i in range(10)]
 
     def firsts(seed, n):
-        s = batch_stream(exs, 3, pad_id=0, seed=seed)
+        s = BatchStream(exs, 3, pad_id=0, seed=seed)
         return [next(s)["input_ids"][:, 0].tolist() for _ in range(n)]
 
     a = firsts(0, 6)
@@ -201,7 +201,7 @@ def test_batch_stream_is_seeded_and_covers_each_epoch():
     epoch = sum(a[:3], [])  # 3 full batches per epoch of 10 (the remainder is dropped)
     assert len(set(epoch)) == 9
     with pytest.raises(UserError, match="only 2 training examples .* train.batch_size=3"):
-        next(batch_stream(exs[:2], 3, pad_id=0, seed=0))
+        next(BatchStream(exs[:2], 3, pad_id=0, seed=0))
 
 
 def test_capped_eval_keeps_every_task():

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from transformers import LlamaForCausalLM
 
 from smt_bench.data.bundled import BundledSuite
-from smt_bench.data.batches import batch_stream, collate, encode
+from smt_bench.data.batches import BatchStream, collate, encode
 from smt_bench.loggers import NullLogger
 from smt_bench.models import shapes_of
 from smt_bench.trainer import train
@@ -40,7 +40,7 @@ def examples(tokenizer):
 
 @pytest.fixture(scope="module", params=["full_ft", "lora", "dora"])
 def trained(request, _tiny_llama_pristine, tokenizer, examples, compose):
-    """(name, method, tuned model, {name: (live parameter, copy before training)}, train_info)."""
+    """(name, Tuned, tuned model, {name: (live parameter, copy before training)}, train_info)."""
     name = request.param
     cfg = compose("model=tiny-llama", f"method={name}", f"method.lr={LR[name]}", f"budget.fraction={FRACTION}",
                   f"train.max_steps={STEPS}", "train.batch_size=4", "train.max_len=128", "train.warmup_ratio=0",
@@ -52,13 +52,13 @@ def trained(request, _tiny_llama_pristine, tokenizer, examples, compose):
     shapes = shapes_of(model)
     plan = method.plan(shapes, round(FRACTION * shapes.total_params))
     torch.manual_seed(0)
-    model = method.prepare(model, plan, None)
+    tuned = method.prepare(model, plan, None)
     train_ex, val_batch = examples
     logger = _Recorder()
-    info = train(model, method, batch_stream(train_ex, 4, tokenizer.pad_token_id, seed=0), [val_batch], cfg.train,
+    info = train(tuned, BatchStream(train_ex, 4, tokenizer.pad_token_id, seed=0), [val_batch], cfg.train,
                  torch.device("cpu"), logger)
     info["_plan"], info["_logged"] = plan, logger.logged
-    return name, method, model, before, info
+    return name, tuned, tuned.model, before, info
 
 
 def test_loss_falls(trained):
@@ -76,8 +76,8 @@ def test_loss_falls(trained):
 
 
 def test_trainer_accounts_trainable_memory(trained):
-    name, method, model, _, info = trained
-    n = sum(p.numel() for p in method.trainable_parameters(model))
+    name, tuned, model, _, info = trained
+    n = sum(p.numel() for p in tuned.trainable_parameters())
     assert n == info["_plan"].achieved_params
     mem = info["memory_breakdown_bytes"]
     assert mem["gradients"] == 4 * n            # fp32 gradient per trainable parameter
@@ -103,14 +103,15 @@ def test_base_weights(trained):
 
 
 def test_merged_model_gives_the_adapter_logits(trained, _tiny_llama_pristine, examples):
-    name, method, model, _, _ = trained
+    name, tuned_model, _, _, _ = trained
     _, val_batch = examples
     inputs = {k: val_batch[k] for k in ("input_ids", "attention_mask")}
-    model = copy.deepcopy(model).eval()
+    tuned_model = copy.deepcopy(tuned_model)
+    model = tuned_model.model.eval()
     with torch.no_grad():
         tuned = model(**inputs).logits
         base = copy.deepcopy(_tiny_llama_pristine[0]).eval()(**inputs).logits
-        merged = method.merged(model)
+        merged = tuned_model.merged()
         if name == "full_ft":
             assert merged is model
             return

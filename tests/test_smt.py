@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from smt_bench.kernels import get_backend
-from smt_bench.methods.base import Warmup
+from smt_bench.methods.base import Context
 from smt_bench.methods.smt import SMT
 from smt_bench.methods.smt.layer import SharedInput, SMTLinear
 from smt_bench.methods.smt.scoring import block_score
@@ -114,7 +114,8 @@ def _warmup(n_batches=3, seed=0):
     batches = [{"input_ids": torch.randint(0, 256, (2, 12), generator=g)} for _ in range(n_batches)]
     for b in batches:
         b["labels"] = b["input_ids"].clone()
-    return Warmup(batches=lambda n: iter(batches[:n]), loss=lambda m, b: m(**b).loss), batches
+    return Context(batches=lambda n: iter(batches[:n]), loss=lambda m, b: m(**b).loss,
+                   device=torch.device("cpu")), batches
 
 
 def test_score_only_warmup_leaves_no_grad_no_state_no_change():
@@ -123,12 +124,12 @@ def test_score_only_warmup_leaves_no_grad_no_state_no_change():
     m = SMT(name="smt", lr=1e-2, block_size=16, warmup_steps=3)
     plan = m.plan(shapes_of(model), 20 * 256)
     warm, _ = _warmup()
-    m.prepare(model, plan, warm)
+    tuned = m.prepare(model, plan, warm)
     for n, p in model.named_parameters():
         if not n.endswith("blocks"):
             assert p.grad is None and not p.requires_grad, n
             assert torch.equal(p, before[n]), n
-    assert sum(p.numel() for p in m.trainable_parameters(model)) == plan.achieved_params == 20 * 256
+    assert sum(p.numel() for p in tuned.trainable_parameters()) == plan.achieved_params == 20 * 256
 
 
 def test_training_changes_only_selected_blocks_and_merge_roundtrips(tmp_path):
@@ -137,22 +138,22 @@ def test_training_changes_only_selected_blocks_and_merge_roundtrips(tmp_path):
     m = SMT(name="smt", lr=1e-2, block_size=16, warmup_steps=2, projections=["q", "k", "v", "down"])
     plan = m.plan(shapes_of(model), 12 * 256)
     warm, batches = _warmup()
-    model = m.prepare(model, plan, warm)
-    opt = m.build_optimizer(m.trainable_parameters(model))
+    tuned = m.prepare(model, plan, warm)
+    opt = tuned.build_optimizer()
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.endswith("blocks"))
     for b in batches:
         model(**b).loss.backward()
         opt.step()
         opt.zero_grad()
     # optimizer state exists only for the blocks
-    assert len(opt.state) == len(m._layers)
+    assert len(opt.state) == len(tuned.layers)
     assert all(p.shape[1:] == (16, 16) and st["exp_avg"].shape == p.shape for p, st in opt.state.items())
-    sel = {(n, r, c) for n, l in m._layers.items() for r, c in zip(l.rows.tolist(), l.cols.tolist())}
+    sel = {(n, r, c) for n, l in tuned.layers.items() for r, c in zip(l.rows.tolist(), l.cols.tolist())}
     changed = set()
     for name, p in ref.named_parameters():
         q = model.get_parameter(name)
-        if name.rsplit(".", 1)[0] in m._layers and name.endswith("weight"):
-            layer = m._layers[name.rsplit(".", 1)[0]]
+        if name.rsplit(".", 1)[0] in tuned.layers and name.endswith("weight"):
+            layer = tuned.layers[name.rsplit(".", 1)[0]]
             diff = (q != p).unflatten(0, (-1, 16)).unflatten(2, (-1, 16)).any(3).any(1)
             changed |= {(layer_name, r, c) for layer_name in [name.rsplit(".", 1)[0]]
                         for r, c in diff.nonzero().tolist()}
@@ -168,8 +169,8 @@ def test_training_changes_only_selected_blocks_and_merge_roundtrips(tmp_path):
     from smt_bench.methods.smt.export import apply_delta, save_delta
 
     path = tmp_path / "delta.safetensors"
-    save_delta(m, path, base_model="tiny-llama")
-    merged = m.merged(model)
+    save_delta(tuned.layers, tuned.block_size, path, base_model="tiny-llama")
+    merged = tuned.merged()
     assert not any(isinstance(x, SMTLinear) for x in merged.modules())
     with torch.no_grad():
         assert torch.equal(merged(input_ids=ids).logits, logits)
@@ -189,8 +190,8 @@ def test_update_warmup_trains_everything_then_freezes():
 
 def test_bad_block_size_and_budget_errors():
     shapes = shapes_of(_tiny())
-    with pytest.raises(UserError, match=r"block size 48 does not divide .*q_proj.*one of \[8, 16, 32\]"):
-        SMT(name="smt", lr=1e-4, block_size=48).plan(shapes, 10_000)
+    with pytest.raises(UserError, match=r"no block size <= method.block_size=8 divides .*\[32, 64\].* at least 16"):
+        SMT(name="smt", lr=1e-4, block_size=8).plan(shapes, 10_000)
     with pytest.raises(UserError, match="only 64 blocks"):
         SMT(name="smt", lr=1e-4, block_size=16).plan(shapes, 65 * 256)
     with pytest.raises(UserError, match="below one"):
@@ -245,10 +246,10 @@ def test_warmup_selection_is_the_top_k_of_the_statistic_of_dense_gradients(kind,
     plan = m.plan(shapes_of(model), 20 * 256)
     names = [l.name for l in shapes_of(model).select(["q_proj", "k_proj", "v_proj"])]
     want = _oracle(_dense_grads(model, names, batches), names, 16, kind, accumulation, 20, mode)
-    m.prepare(model, plan, warm)
-    got = {(n, r, c) for n, l in m._layers.items() for r, c in zip(l.rows.tolist(), l.cols.tolist())}
+    tuned = m.prepare(model, plan, warm)
+    got = {(n, r, c) for n, l in tuned.layers.items() for r, c in zip(l.rows.tolist(), l.cols.tolist())}
     assert got == want
-    info = m.report(model)["warmup"]
+    info = tuned.report()["warmup"]
     assert (info["accumulation"], info["steps"], info["score"]) == (accumulation, 3, kind)
     eligible_bytes = 4 * sum(model.get_submodule(n).weight.numel() for n in names)
     assert info["accumulator_bytes"] == (eligible_bytes if accumulation == "grad_sum" else 0)
@@ -272,9 +273,9 @@ def test_no_accumulator_or_warmup_gradient_outlives_prepare(monkeypatch):
     refs = []
     finish = scoring.BlockScorer.finish
 
-    def spy(self):
+    def spy(self, *args):
         refs.extend(weakref.ref(t) for t in self.acc.values())
-        return finish(self)
+        return finish(self, *args)
 
     monkeypatch.setattr(scoring.BlockScorer, "finish", spy)
     model = _tiny()

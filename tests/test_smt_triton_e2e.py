@@ -5,14 +5,15 @@ import torch
 
 from smt_bench.methods.smt import SMT
 from smt_bench.models import TinyLlama, shapes_of
-from smt_bench.methods.base import Warmup
+from smt_bench.methods.base import Context
 
 
 def _run(model, kernels, batches):
     m = SMT(name="smt", lr=5e-3, block_size=16, warmup_steps=2, kernels=kernels, projections=["q", "k", "v", "down"])
-    warm = Warmup(batches=lambda n: iter(batches[:n]), loss=lambda mod, b: mod(**b).loss)
-    model = m.prepare(model, m.plan(shapes_of(model), 24 * 256), warm)
-    opt = m.build_optimizer(m.trainable_parameters(model))
+    warm = Context(batches=lambda n: iter(batches[:n]), loss=lambda mod, b: mod(**b).loss, device=torch.device("cpu"))
+    tuned = m.prepare(model, m.plan(shapes_of(model), 24 * 256), warm)
+    model = tuned.model
+    opt = tuned.build_optimizer()
     losses = []
     for b in batches[:1] * 4:  # one batch, so the loss must fall
         loss = model(**b).loss
@@ -20,7 +21,7 @@ def _run(model, kernels, batches):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return m.report(model)["kernels_backend"], losses, m.merged(model)
+    return tuned.report()["kernels_backend"], losses, tuned.merged()
 
 
 def test_triton_interpreted_training_matches_torch():

@@ -41,13 +41,40 @@ def collate(examples, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def batch_stream(examples, batch_size: int, pad_id: int, seed: int):
-    """Endless shuffled batches, reshuffled every epoch from one seeded generator."""
-    if len(examples) < batch_size:  # would loop forever without yielding
-        raise UserError(f"only {len(examples)} training examples (after truncation to train.max_len) for "
-                        f"train.batch_size={batch_size}; use more data, a larger max_len or a smaller batch")
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(examples), generator=g).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+class BatchStream:
+    """Endless shuffled batches, reshuffled every epoch from one seeded generator. Its position (the
+    generator's state at the start of this epoch, the epoch and the batch within it) is a checkpoint's:
+    a resumed run draws exactly the batches the uninterrupted one would have."""
+
+    def __init__(self, examples, batch_size: int, pad_id: int, seed: int):
+        if len(examples) < batch_size:  # would loop forever without yielding
+            raise UserError(f"only {len(examples)} training examples (after truncation to train.max_len) for "
+                            f"train.batch_size={batch_size}; use more data, a larger max_len or a smaller batch")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.pos = -1, 0
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self._epoch_start = self.generator.get_state()
+        self.order = torch.randperm(len(self.examples), generator=self.generator).tolist()
+        self.epoch, self.pos = self.epoch + 1, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.pos + self.batch_size > len(self.order):
+            self._new_epoch()
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return collate([self.examples[j] for j in idx], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"generator": self._epoch_start.clone(), "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.epoch = state["epoch"] - 1
+        self._new_epoch()
+        self.pos = state["pos"]

@@ -1,9 +1,14 @@
 """The one protocol every fine-tuning method implements; the trainer knows nothing else.
 
-A method is a dataclass built from `conf/method/<name>.yaml` by Hydra's instantiate. Lifecycle:
-plan() on shapes only (bad budgets fail before any weights load), prepare() turns the loaded base
-model into the trainable one, the trainer optimises trainable_parameters() with build_optimizer(),
-and merged() gives back a plain HF model for evaluation and export.
+A method is two objects, as in peft (config / tuned model) and torchtune (recipe / components):
+
+- `Method`: a frozen dataclass built from `conf/method/<name>.yaml` by Hydra. It is a description
+  only: `plan()` meets a budget on meta-device shapes (bad budgets fail before any weights load),
+  `prepare()` turns the loaded base model into a `Tuned`, `resume()` rebuilds that `Tuned` from a
+  checkpoint without redoing the method's own pre-training phase.
+- `Tuned`: everything `prepare()` creates (adapters, block layers, warm-up facts) lives here and only
+  here: trainable parameters, optimizer, `state_dict()` / `load_state_dict()` for checkpoints, the
+  report, the export and the merged model.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from torch import nn
 
+from ..distributed import World
 from ..models import ModelShapes
-from ..schema.spec import REQUIRED, at_least, check_fields, nonempty, param, above
+from ..schema.spec import REQUIRED, above, at_least, check_fields, nonempty, param
 
 
 @dataclass
@@ -27,14 +33,18 @@ class Plan:
 
 
 @dataclass
-class Warmup:
-    """What a method may use before training (SMT scores blocks on it): batches and the loss."""
+class Context:
+    """What a method may use while it prepares: its own batch stream (seeded apart from the training
+    stream, so training batches do not depend on the method), the loss, the device and the process
+    group (anything that decides, like SMT's block selection, is reduced across ranks first)."""
 
     batches: Callable[[int], Iterator[dict]]
     loss: Callable[[nn.Module, dict], torch.Tensor]
+    device: torch.device
+    world: World = field(default_factory=World)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Method:
     """Fields are the method's config: their types and `valid` values are its config schema
     (smt_bench/schema/store.py registers it), checked before anything loads."""
@@ -50,28 +60,62 @@ class Method:
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
         raise NotImplementedError
 
-    def prepare(self, model: nn.Module, plan: Plan, warmup: Warmup) -> nn.Module:
+    def prepare(self, model: nn.Module, plan: Plan, context: Context) -> "Tuned":
         raise NotImplementedError
 
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
+    def resume(self, model: nn.Module, plan: Plan, context: Context, state: dict[str, torch.Tensor],
+               meta: dict) -> "Tuned":
+        """The Tuned a checkpoint was taken of. By default: prepare again (cheap for adapters; any random
+        init is overwritten), then load the saved tensors. A method with a costly or data-dependent
+        prepare (SMT's warm-up) rebuilds from `meta` instead."""
+        tuned = self.prepare(model, plan, context)
+        tuned.load_state_dict(state, meta)
+        return tuned
 
-    def build_optimizer(self, params: list[nn.Parameter], betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.lr, betas=betas, eps=eps, weight_decay=self.weight_decay,
-                                 foreach=True)
 
-    def merged(self, model: nn.Module) -> nn.Module:
-        """A plain HF model with the tuning folded in (may be `model` itself)."""
-        return model
+class Tuned:
+    """A prepared model and all runtime state of its method. The default serves methods whose trainable
+    tensors are the model's parameters with requires_grad (full FT; peft adapters)."""
 
-    def export(self, model: nn.Module, directory, base_model: str) -> list[str]:
+    def __init__(self, method: Method, model: nn.Module):
+        self.method, self.model = method, model
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def build_optimizer(self, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.method.lr, betas=tuple(betas), eps=eps,
+                                 weight_decay=self.method.weight_decay, foreach=True)
+
+    # --- checkpoints ---
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta): the trainable tensors by name, and JSON facts a resume needs."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        params = dict(self.model.named_parameters())
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
+        extra = sorted(set(tensors) - set(params))
+        if missing or extra:
+            raise ValueError(f"checkpoint does not match the {self.method.name} model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+
+    # --- after training ---
+    def report(self) -> dict[str, Any]:
+        """Method-specific entries for the result file (e.g. SMT's block map)."""
+        return {}
+
+    def export(self, directory, base_model: str) -> list[str]:
         """Writes the tuned weights (an adapter or delta where the method has one); returns the files."""
         from safetensors.torch import save_model
 
         path = f"{directory}/model.safetensors"
-        save_model(model, path)
+        save_model(self.model, path)
         return [path]
 
-    def report(self, model: nn.Module) -> dict[str, Any]:
-        """Method-specific entries for the result file (e.g. SMT's block map)."""
-        return {}
+    def merged(self) -> nn.Module:
+        """A plain HF model with the tuning folded in. Call last: it may consume the tuned model."""
+        return self.model

@@ -7,16 +7,17 @@ from typing import ClassVar
 from torch import nn
 
 from ..models import ModelShapes
-from .base import Method, Plan, Warmup
+from .base import Context, Method, Plan, Tuned
 
 
-@dataclass
+@dataclass(frozen=True)
 class FullFT(Method):
     fixed_fraction: ClassVar[float] = 1.0
+
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
         return Plan(target_params=shapes.total_params, achieved_params=shapes.total_params)
 
-    def prepare(self, model: nn.Module, plan: Plan, warmup: Warmup) -> nn.Module:
+    def prepare(self, model: nn.Module, plan: Plan, context: Context) -> Tuned:
         for p in model.parameters():
             p.requires_grad_(True)
-        return model
+        return Tuned(self, model)

@@ -9,10 +9,10 @@ from torch import nn
 from ..errors import UserError
 from ..models import ModelShapes
 from ..schema.spec import above, invalid, nonempty_list, param, within
-from .base import Method, Plan, Warmup
+from .base import Context, Method, Plan, Tuned
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRA(Method):
     target_modules: list[str] = param(valid=nonempty_list(),
                                       factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
@@ -57,7 +57,7 @@ class LoRA(Method):
         rank = min(range(1, max_rank + 1), key=lambda r: abs(self.count(shapes, r) - target_params))
         return Plan(target_params, self.count(shapes, rank), {"rank": rank, "lora_alpha": self.alpha_ratio * rank})
 
-    def prepare(self, model: nn.Module, plan: Plan, warmup: Warmup) -> nn.Module:
+    def prepare(self, model: nn.Module, plan: Plan, context: Context) -> "PeftTuned":
         from peft import LoraConfig, get_peft_model
 
         rank = plan.detail["rank"]
@@ -69,11 +69,15 @@ class LoRA(Method):
             # which warns on every run (transformers >= 5); the warning is peft's to fix, not ours
             warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
-            return get_peft_model(model, cfg)
+            return PeftTuned(self, get_peft_model(model, cfg))
 
-    def export(self, model: nn.Module, directory, base_model: str) -> list[str]:
-        model.save_pretrained(directory)  # the peft adapter (adapter_config.json + safetensors)
+
+class PeftTuned(Tuned):
+    """A peft model: the adapter weights are its parameters with requires_grad; peft saves and merges."""
+
+    def export(self, directory, base_model: str) -> list[str]:
+        self.model.save_pretrained(directory)  # the peft adapter (adapter_config.json + safetensors)
         return [f"{directory}/adapter_config.json", f"{directory}/adapter_model.safetensors"]
 
-    def merged(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()
+    def merged(self) -> nn.Module:
+        return self.model.merge_and_unload()

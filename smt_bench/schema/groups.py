@@ -64,6 +64,7 @@ class Train:
     eval_every: int = param(valid=count(0))
     val_batches: int = param(valid=count(0))
     log_every: int = param(valid=count(1))
+    checkpoint_every: int = param(valid=count(0))  # 0: only when a preemption signal comes
 
     @staticmethod
     def check_config(node, at: str) -> None:
@@ -111,6 +112,7 @@ class Results:
     skip_finished: bool = MISSING
     keep_samples: bool = MISSING
     export: bool = MISSING
+    resume: bool = MISSING
 
 
 @dataclass
@@ -137,7 +139,6 @@ class Config:
 class Model:
     name: str = param(valid=nonempty())
     source: Any = MISSING
-    smt_block_size: int = param(valid=count(1))
 
 
 @dataclass

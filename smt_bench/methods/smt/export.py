@@ -12,16 +12,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def save_delta(method, path: str | Path, base_model: str) -> None:
+def save_delta(layers: dict, block_size: int, path: str | Path, base_model: str) -> None:
+    """`layers`: matrix name -> SMTLinear (the tuned model's, see SMTTuned.layers)."""
     tensors, layout = {}, {}
-    for name, layer in method._layers.items():
+    for name, layer in layers.items():
         tensors[f"{name}.rows"] = layer.rows.cpu().contiguous()
         tensors[f"{name}.cols"] = layer.cols.cpu().contiguous()
         B = layer.block_size
         w = layer.weight.detach().unflatten(0, (-1, B)).unflatten(2, (-1, B))
         tensors[f"{name}.values"] = w[layer.rows, :, layer.cols, :].cpu().contiguous()  # in the weight's dtype
         layout[name] = [layer.out_features, layer.in_features]
-    meta = {"format": "smt-bench-delta/1", "block_size": str(method.block_size), "base_model": base_model,
+    meta = {"format": "smt-bench-delta/1", "block_size": str(block_size), "base_model": base_model,
             "layers": json.dumps(layout)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)

@@ -114,6 +114,16 @@ class SMTLinear(nn.Module):
     def forward(self, x):
         return _SMTLinearFn.apply(x, self.blocks, self)
 
+    @torch.no_grad()
+    def load_blocks(self, values: torch.Tensor) -> None:
+        """Restores trained blocks (a checkpoint's): the fp32 master copy and the dense weight that holds
+        them, as the optimizer step leaves them."""
+        self.blocks.copy_(values)
+        if self.rows.numel():
+            B = self.block_size
+            view = self.weight.unflatten(0, (-1, B)).unflatten(2, (-1, B))
+            view[self.rows, :, self.cols, :] = self.blocks.to(self.weight.dtype)
+
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear sharing this layer's dense weight (which already holds the blocks)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

@@ -112,14 +112,17 @@ class BlockScorer:
             return {n: s.clone() for n, s in self.scores.items()}
         return {n: block_score(a, self.block_size, kind) for n, a in self.acc.items()}
 
-    def finish(self) -> dict[str, torch.Tensor]:
+    def finish(self, reduce=lambda t: t) -> dict[str, torch.Tensor]:
         """Block scores per matrix (on the weight's device for score_sum, the accumulator's for grad_sum);
-        the accumulators and staging buffers are released."""
+        the accumulators and staging buffers are released. `reduce` sums what each rank collected (the
+        gradient sums, or the score sums) before the statistic, so every rank selects the same blocks."""
         self.remove()
         for name in list(self._pending):
             self._drain(name)
         self._staging.clear()
         if self.accumulation == "grad_sum":
             for n in list(self.acc):  # one accumulator at a time: the statistic's temporaries stay small
-                self.scores[n] = block_score(self.acc.pop(n), self.block_size, self.kind)
+                self.scores[n] = block_score(reduce(self.acc.pop(n)), self.block_size, self.kind)
+        else:
+            self.scores = {n: reduce(s) for n, s in self.scores.items()}
         return self.scores

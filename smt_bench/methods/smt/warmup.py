@@ -1,0 +1,51 @@
+"""SMT's warm-up: a few steps on the method's own batch stream whose gradients score the blocks.
+
+score_only (default) reduces gradients to scores inside backward and never changes a weight;
+update (the reference's) also takes AdamW steps on the whole model at `warmup_lr`, so the weights the
+sparse phase starts from are the warmed-up ones.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..base import Context
+from .scoring import BlockScorer
+
+
+def run_warmup(model: nn.Module, linears: dict[str, nn.Linear], cfg, block_size: int,
+               context: Context) -> tuple[dict[str, torch.Tensor], dict]:
+    """Returns the block scores of each eligible matrix (summed over ranks) and the facts for the report."""
+    score_only = cfg.warmup_mode == "score_only"
+    for p in model.parameters():
+        p.requires_grad_(not score_only)
+    for l in linears.values():
+        l.weight.requires_grad_(True)
+    scorer = BlockScorer(linears, block_size, cfg.score, free_grads=score_only,
+                         accumulation=cfg.score_accumulation, accumulator_device=cfg.accumulator_device)
+    accumulator_bytes = scorer.accumulator_bytes
+    opt = None if score_only else torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.warmup_lr, weight_decay=0.0)
+    was = model.training
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        for batch in context.batches(cfg.warmup_steps):
+            context.loss(model, batch).backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        scores = scorer.finish(context.world.all_reduce)  # the block statistic of the sums; accumulators freed
+    finally:
+        scorer.remove()
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        model.train(was)
+    info = {"steps": cfg.warmup_steps, "mode": cfg.warmup_mode, "score": cfg.score,
+            "accumulation": cfg.score_accumulation,
+            "accumulator_device": cfg.accumulator_device if accumulator_bytes else None,
+            "accumulator_bytes": accumulator_bytes, "time_s": time.perf_counter() - t0}
+    return scores, info

@@ -1,0 +1,59 @@
+"""SIGTERM / SIGUSR1 / SIGUSR2 during training: finish the step, checkpoint, then do what the signal meant.
+
+SLURM sends SIGTERM on preemption; submitit asks for SIGUSR2 `signal_delay_s` before a time limit
+(and installs its own handlers: requeue on SIGUSR2, ignore SIGTERM); Lightning-style setups use
+SIGUSR1. A handler here only records the signal, so a step is never cut in half. After the
+checkpoint, a handler that was installed before ours (submitit's) is called: if it returns, training
+goes on; if it exits (submitit requeued the job), so do we. Without one, the run stops as
+`preempted` with the exit status the signal would have given (128 + its number).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
+
+
+class Preempted(Exception):
+    def __init__(self, signum: int, step: int, exit_code):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.exit_code = signum, step, exit_code
+
+
+class PreemptionWatch:
+    def __init__(self, signals=SIGNALS):
+        self.signals, self.pending, self._previous = signals, [], {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._record)
+        return self
+
+    def __exit__(self, *exc):
+        for s, prev in self._previous.items():
+            signal.signal(s, prev)
+        self._previous = {}
+        return False
+
+    def _record(self, signum, frame):
+        self.pending.append(signum)
+
+    def handle(self, step: int, checkpoint) -> None:
+        """At a step boundary: if a signal came, checkpoint, then pass it on (see the module docstring)."""
+        if not self.pending:
+            return
+        signum = self.pending.pop(0)
+        self.pending.clear()
+        checkpoint()
+        prev = self._previous.get(signum)
+        if callable(prev):
+            try:
+                prev(signum, None)
+            except SystemExit as e:
+                raise Preempted(signum, step, e.code) from None
+            return
+        if prev == signal.SIG_IGN:
+            return
+        raise Preempted(signum, step, 128 + signum)

@@ -1,0 +1,70 @@
+"""`python tests/fault_run.py [--fault KIND:STEP[:SEED]]... -- <smt_bench overrides>`: the real CLI, with
+faults injected at exact training steps, so tests can kill, signal or break a run where they choose.
+
+KIND: kill (SIGKILL to this process: nothing runs after it), term (SIGTERM: the run checkpoints and
+stops), raise (a RuntimeError in training), nan (the loss turns NaN: a divergence). A fault fires at
+the end of step STEP (when the trainer logs it, before that step's checkpoint) of the job whose
+config has seed SEED (any job if left out). Only the test process is patched; smt-bench has no
+fault hooks of its own.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def install(faults: list[tuple[str, int, int | None]]) -> None:
+    import smt_bench.loggers as loggers
+    import smt_bench.trainer as trainer
+
+    current = {"seed": None}
+    start, log, forward = loggers.NullLogger.start, loggers.NullLogger.log, trainer.forward_loss
+    broken = {"nan": False}
+
+    def started(self, run_id, config):
+        current["seed"] = config.get("seed")
+        broken["nan"] = False
+        return start(self, run_id, config)
+
+    def logged(self, metrics, step):
+        log(self, metrics, step)
+        if "train/loss" not in metrics:
+            return
+        for kind, at, seed in faults:
+            if step == at and seed in (None, current["seed"]):
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                elif kind == "term":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                elif kind == "raise":
+                    raise RuntimeError(f"injected fault at step {step}")
+                elif kind == "nan":
+                    broken["nan"] = True
+
+    def loss(model, batch):
+        out = forward(model, batch)
+        return out * float("nan") if broken["nan"] else out
+
+    loggers.NullLogger.start, loggers.NullLogger.log, trainer.forward_loss = started, logged, loss
+
+
+def main(argv: list[str]) -> None:
+    split = argv.index("--")
+    faults = []
+    for i, a in enumerate(argv[:split]):
+        if a == "--fault":
+            kind, step, *seed = argv[i + 1].split(":")
+            faults.append((kind, int(step), int(seed[0]) if seed else None))
+    install(faults)
+    from smt_bench.__main__ import main as smt_main
+
+    sys.argv = ["smt_bench", *argv[split + 1:]]
+    smt_main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
