@@ -113,10 +113,12 @@ CASES = {
     "unreachable-rank": (lambda t: [*TINY, "method=lora", "budget.fraction=0.05"],
                          r"budget of 160,989 params is unreachable for lora .* valid ranks 1\.\.32"),
     "smt-block-zero": (lambda t: [*SMT, "method.block_size=0"], r"method\.block_size=0: must be an integer >= 1"),
-    "smt-block-indivisible": (lambda t: [*SMT, "method.block_size=48"],
-                              r"block size 48 does not divide .*; set method\.block_size to one of \[8, 16, 32\]"),
+    "smt-block-too-small": (lambda t: [*SMT, "method.block_size=8"],
+                            r"no block size <= method\.block_size=8 divides the eligible matrices \(dimensions "
+                            r"\[32, 64\]\); set method\.block_size to at least 16"),
     "smt-block-triton": (lambda t: [*SMT, "method.kernels=triton", "method.block_size=8"],
-                         r"method\.block_size=8: must be one of 16, 32, 64, 128, 256 with method\.kernels=triton"),
+                         r"method\.block_size=8: must be at least 16 with method\.kernels=triton \(its sizes: "
+                         r"16, 32, 64, 128, 256"),
     "smt-warmup-zero": (lambda t: [*SMT, "method.warmup_steps=0"], r"method\.warmup_steps=0: must be an integer >= 1"),
     "smt-warmup-mode": (lambda t: [*SMT, "method.warmup_mode=full"],
                         r"method\.warmup_mode=full: must be one of score_only, update"),
@@ -135,7 +137,7 @@ CASES = {
     "smt-kernels": (lambda t: [*SMT, "method.kernels=cuda"], r"method\.kernels=cuda: must be one of auto, triton, torch"),
     "smt-threshold": (lambda t: [*SMT, "method.full_input_threshold=1.5"],
                       r"method\.full_input_threshold=1\.5: must be a number in \[0, 1\]"),
-    "smt-over-budget": (lambda t: [*SMT, "budget.fraction=0.01"], r"needs 126 blocks but \['q', 'k', 'v'\] have only 64"),
+    "smt-over-budget": (lambda t: [*SMT, "budget.fraction=0.01"], r"needs 31 blocks but \['q', 'k', 'v'\] have only 16 blocks of 32x32"),
     # --- model -------------------------------------------------------------------------------------
     "unknown-model": (lambda t: ["model=gpt5"], r"unknown model 'gpt5'; choose one of: llama-7b, "),
     "tiny-heads": (lambda t: [*TINY, "model.source.num_attention_heads=3"],
@@ -203,7 +205,7 @@ CASES = {
                             r"sweep job train\.max_steps=0: train\.max_steps=0: must be an integer >= 1"),
     "sweep-one-bad-seed": (lambda t: ["-m", *TINY, "seed=0,1,-1"], r"sweep job seed=-1: seed=-1: must be an integer"),
     "sweep-one-bad-method": (lambda t: ["-m", *TINY, "method=lora,smt", "method.lr=1e-4", "budget.fraction=0.01"],
-                             r"sweep job method=smt: budget of 32,198 params needs 126 blocks"),
+                             r"sweep job method=smt: budget of 32,198 params needs 31 blocks"),
 }
 
 
