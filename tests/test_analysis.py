@@ -531,9 +531,10 @@ def test_every_unfinished_status_listed_with_its_detail_and_kept_out_of_the_stat
     write_run(res, _unfinished("lora", 0.05, 0, "diverged", diverged_at_step=57, error="non-finite loss nan"))
     write_run(res, _unfinished("lora", 0.05, 1, "oom", error="OutOfMemoryError: CUDA out of memory"))
     write_run(res, _unfinished("lora", 0.05, 2, "failed", error="ValueError: bad shape\nTraceback ..."))
+    write_run(res, _unfinished("lora", 0.05, 3, "oom", error="OutOfMemoryError", batch_size=4))  # as run.py records
     analyze([str(res)], tmp_path / "out", Options(n_boot=10))
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "8 run files: 2 finished, 6 not finished (1 diverged, 1 failed, 1 oom, 1 preempted, 2 running)" in report
+    assert "9 run files: 2 finished, 7 not finished (1 diverged, 1 failed, 2 oom, 1 preempted, 2 running)" in report
     part = report.split("## Runs that did not finish\n", 1)[1].split("\n## ", 1)[0]
     rows = {(r[0].rsplit("-", 1)[0].split("/")[-1], r[5]): r[6:] for r in
             ([c.strip() for c in line.strip("|").split(" | ")] for line in part.splitlines()
@@ -545,6 +546,7 @@ def test_every_unfinished_status_listed_with_its_detail_and_kept_out_of_the_stat
         ("lora-b0.05-s0", "diverged"): ["diverged at step 57; non-finite loss nan", "no"],
         ("lora-b0.05-s1", "oom"): ["batch size 8; OutOfMemoryError: CUDA out of memory", "no"],
         ("lora-b0.05-s2", "failed"): ["ValueError: bad shape", "no"],
+        ("lora-b0.05-s3", "oom"): ["batch size 4; OutOfMemoryError", "no"],
     }
     cells = __import__("pandas").read_csv(tmp_path / "out" / "cells.csv")
     assert cells[["budget_fraction", "n"]].values.tolist() == [[0.01, 2]]  # none of them in the statistics

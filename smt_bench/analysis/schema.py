@@ -75,6 +75,7 @@ def _check_unfinished(obj: dict, status: str) -> None:
         require(obj, "run_info.checkpoint_step", ("int", "null"))  # null: killed before the first checkpoint
         require(obj, "run_info.updated_at", ("str",), optional=True)
     elif status == "oom":
+        require(obj, "run_info.batch_size", ("int",), optional=True)
         require(obj, "config.train.batch_size", ("int",), optional=True)
 
 

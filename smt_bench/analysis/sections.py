@@ -169,7 +169,7 @@ def unfinished_detail(status: str, run_info: dict, config: dict, error: str) -> 
         step = run_info.get("checkpoint_step")
         fact = "no checkpoint" if step is None else f"last checkpoint at step {step}"
     elif status == "oom":
-        bs = (config.get("train") or {}).get("batch_size")
+        bs = run_info.get("batch_size", (config.get("train") or {}).get("batch_size"))  # newer runs record it
         fact = f"batch size {bs}" if bs is not None else ""
     else:
         fact = ""
