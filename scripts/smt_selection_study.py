@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from smt_bench import provenance  # noqa: E402
 from smt_bench.__main__ import compose_config  # noqa: E402
 from smt_bench.analysis import figures as F  # noqa: E402
-from smt_bench.analysis.selection import block_set, by_context, markdown, pairs, summary  # noqa: E402
+from smt_bench.methods.smt.analysis.stability import (block_set, by_context, markdown, pairs,  # noqa: E402
+                                                      selection_stability, summary)
 from smt_bench.data.batches import encode  # noqa: E402
 from smt_bench.methods.smt.method import PROJ  # noqa: E402
 from smt_bench.methods.smt.scoring import BlockScorer  # noqa: E402
@@ -203,7 +204,7 @@ def main() -> None:
     (out / "report.md").write_text(text, encoding="utf-8")
     rows = pairs([{**p["factors"], "budget": p["budget"], "blocks": block_set(p["block_map"])} for p in points])
     with F.styled():
-        F.save(F.selection_stability(summary(rows), "SMT selection stability (warm-up + selection only)"), out,
+        F.save(selection_stability(summary(rows), "SMT selection stability (warm-up + selection only)"), out,
                "stability")
     print(text)
 

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +224,7 @@ def test_missing_seeds_and_failed_runs(analysed):
     assert ("dora", "2%") not in res                             # the OOM run is not in the tables
     assert res[("full_ft", "100%")][5:8] == ["1.00", "1.00", "1.00"]
     assert res[("smt", "0.5%")][6] == "1.50"                     # 1200 / 800 tokens/s
-    failed = report.split("## Failed, OOM and cancelled runs\n", 1)[1].split("## ", 1)[0]
+    failed = report.split("## Runs that did not finish\n", 1)[1].split("## ", 1)[0]
     for status in ("oom", "failed", "cancelled"):
         assert f"| {status} |" in failed
     assert "RuntimeError: boom \\| bad" in failed                # a pipe in the error is escaped
@@ -294,7 +297,7 @@ def test_smt_share_v_matters_most(analysed):
 def test_smt_rate_per_eligible_block(tmp_path):
     """Rates divide by what each projection offers; an eligible projection never chosen shows 0% in the
     table and gets a heatmap column; a saturated projection reads 100%."""
-    from smt_bench.analysis.figures import block_counts
+    from smt_bench.methods.smt.analysis.blocks import block_counts
 
     res = tmp_path / "results"
     for seed in range(2):
@@ -350,9 +353,13 @@ def test_settings_series_duplicates_no_ft_and_no_eval(tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.count("No full-FT run in this setting") == 3
     assert "## Duplicate seeds ignored" in report
+    runs = __import__("pandas").read_csv(tmp_path / "out" / "runs.csv")
+    smt_slugs = set(runs[runs["method"] == "smt"]["setting_slug"])
     for slug in ("tiny-llama-bundled-1", "tiny-llama-bundled-2", "tiny-llama-bundled-3"):
-        for stem in STEMS:
-            assert (tmp_path / "out" / "figures" / slug / f"{stem}.png").stat().st_size > 1000
+        for stem in STEMS:  # a method's own figure only where it ran (the setting without evaluation is LoRA's)
+            path = tmp_path / "out" / "figures" / slug / f"{stem}.png"
+            assert path.stat().st_size > 1000 if slug in smt_slugs or stem != "smt_blocks" else not path.exists()
+    assert len(smt_slugs) == 2
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -400,11 +407,12 @@ def test_published_overlay_only_where_model_and_protocol_match(tmp_path):
     assert "| llama-7b | commonsense-8 | dora | 32 | 1e-4 | 0.8455 | 78.4 | [1] |" in pub
     assert "[1] NVlabs/DoRA commonsense_reasoning/README.md" in pub
     # the boolq-only LoRA run is another setting and is not overlaid
-    from smt_bench.analysis.report import _published_groups, load_published
+    from smt_bench.analysis.figures import Palette
+    from smt_bench.analysis.published import load_published, published_groups
     from smt_bench.analysis.stats import cells, select_runs
 
     loaded = load([str(res)])
-    groups, _ = _published_groups(load_published(None), cells(select_runs(loaded.runs)[0]))
+    groups, _ = published_groups(load_published(None), cells(select_runs(loaded.runs)[0]), Palette(["smt", "lora"], {}))
     assert set(groups[0]["cells"]["method"]) == {"smt"} and len(groups[0]["cells"]) == 2
 
 
@@ -475,7 +483,7 @@ def test_selection_stability_pairs_runs_that_differ_in_one_factor(tmp_path):
 
 
 def test_jaccard_and_pairs():
-    from smt_bench.analysis.selection import block_set, by_context, jaccard, pairs, summary
+    from smt_bench.methods.smt.analysis.stability import block_set, by_context, jaccard, pairs, summary
 
     a, b = block_set([[0, "v_proj", 0, 0], [0, "v_proj", 0, 1]]), block_set([[0, "v_proj", 0, 1]])
     assert jaccard(a, b) == 0.5 and jaccard(a, a) == 1.0 and jaccard(frozenset(), frozenset()) == 1.0
@@ -501,3 +509,129 @@ def test_smt_runs_from_before_the_accumulation_option_read_as_score_sum(tmp_path
     assert "smt (accumulator_device=same, score_accumulation=score_sum)" in report
     rows = _rows(report, "SMT selection stability")[1:]
     assert rows == [["accumulation", "1%", "grad_sum vs score_sum", "1", f"{14 / 16:.3f}", f"{14 / 16:.3f}"]]
+
+
+# --- runs that did not finish -----------------------------------------------------------------
+def _unfinished(method, budget, seed, status, **run_info):
+    d = run_doc(method, budget, seed, status=status)
+    d["run_info"].update(run_info)
+    return d
+
+
+def test_every_unfinished_status_listed_with_its_detail_and_kept_out_of_the_statistics(tmp_path):
+    """diverged: its step; oom: the batch size; running (maybe killed) and preempted: the last checkpoint;
+    failed: the error; and whether a finished run of the same config exists."""
+    res = tmp_path / "results"
+    for seed in range(2):
+        write_run(res, run_doc("lora", 0.01, seed, 50.0 + seed))
+    write_run(res, _unfinished("lora", 0.01, 0, "running", checkpoint_step=40,  # killed; the seed finished since
+                               updated_at="2026-01-02T00:00:00+00:00", error=None))
+    write_run(res, _unfinished("lora", 0.01, 2, "running", checkpoint_step=None, error=None))
+    write_run(res, _unfinished("lora", 0.02, 0, "preempted", checkpoint_step=100, error="preempted by the scheduler"))
+    write_run(res, _unfinished("lora", 0.05, 0, "diverged", diverged_at_step=57, error="non-finite loss nan"))
+    write_run(res, _unfinished("lora", 0.05, 1, "oom", error="OutOfMemoryError: CUDA out of memory"))
+    write_run(res, _unfinished("lora", 0.05, 2, "failed", error="ValueError: bad shape\nTraceback ..."))
+    write_run(res, _unfinished("lora", 0.05, 3, "oom", error="OutOfMemoryError", batch_size=4))  # as run.py records
+    analyze([str(res)], tmp_path / "out", Options(n_boot=10))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "9 run files: 2 finished, 7 not finished (1 diverged, 1 failed, 2 oom, 1 preempted, 2 running)" in report
+    part = report.split("## Runs that did not finish\n", 1)[1].split("\n## ", 1)[0]
+    rows = {(r[0].rsplit("-", 1)[0].split("/")[-1], r[5]): r[6:] for r in
+            ([c.strip() for c in line.strip("|").split(" | ")] for line in part.splitlines()
+             if line.startswith("| `"))}
+    assert rows == {
+        ("lora-b0.01-s0", "running"): ["last checkpoint at step 40", "yes"],
+        ("lora-b0.01-s2", "running"): ["no checkpoint", "no"],
+        ("lora-b0.02-s0", "preempted"): ["last checkpoint at step 100; preempted by the scheduler", "no"],
+        ("lora-b0.05-s0", "diverged"): ["diverged at step 57; non-finite loss nan", "no"],
+        ("lora-b0.05-s1", "oom"): ["batch size 8; OutOfMemoryError: CUDA out of memory", "no"],
+        ("lora-b0.05-s2", "failed"): ["ValueError: bad shape", "no"],
+        ("lora-b0.05-s3", "oom"): ["batch size 4; OutOfMemoryError", "no"],
+    }
+    cells = __import__("pandas").read_csv(tmp_path / "out" / "cells.csv")
+    assert cells[["budget_fraction", "n"]].values.tolist() == [[0.01, 2]]  # none of them in the statistics
+
+
+@pytest.mark.parametrize("status, drop, message", [
+    ("diverged", "diverged_at_step", "missing key run_info.diverged_at_step"),
+    ("running", "checkpoint_step", "missing key run_info.checkpoint_step"),
+    ("preempted", "checkpoint_step", "missing key run_info.checkpoint_step"),
+])
+def test_unfinished_status_needs_its_detail(status, drop, message):
+    d = _unfinished("lora", 0.01, 0, status, diverged_at_step=3, checkpoint_step=None)
+    validate(d)
+    del d["run_info"][drop]
+    with pytest.raises(ValueError, match=message):
+        validate(d)
+    d["run_info"]["status"] = "paused"
+    with pytest.raises(ValueError, match="run_info.status='paused' is not one of finished, failed, oom"):
+        validate(d)
+
+
+# --- the registry -----------------------------------------------------------------------------
+CORE = REPO / "smt_bench" / "analysis"
+METHOD_NAMES = re.compile(r"(?<![a-z0-9])(smt|lora|dora)(?![a-z0-9])|full_ft", re.IGNORECASE)
+
+
+def test_analysis_core_names_no_method():
+    """No method name in the core's identifiers, strings, docstrings or comments (the project's own name,
+    smt-bench / smt_bench, aside): a method's knowledge stays in its own package."""
+    found = []
+    for path in sorted(CORE.glob("*.py")):
+        for tok in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
+            if tok.type in (tokenize.NAME, tokenize.STRING, tokenize.COMMENT):
+                text = re.sub(r"smt[_-]bench", "", tok.string, flags=re.IGNORECASE)
+                found += [f"{path.name}:{tok.start[0]}: {m.group(0)}" for m in METHOD_NAMES.finditer(text)]
+    assert found == []
+    assert METHOD_NAMES.search("smt_counts") and METHOD_NAMES.search('"full_ft"') and METHOD_NAMES.search("LoRA")
+
+
+@pytest.fixture
+def toy_method():
+    """A method the core has never heard of, contributing a column, a section and a figure."""
+    from smt_bench.analysis import registry
+
+    def figure(s):
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots()
+        ax.plot(s.runs["toy_knobs"].to_numpy())
+        return fig
+
+    c = registry.register(registry.Contribution(
+        method="toy", run_columns=lambda mi: {"toy_knobs": mi.get("knobs", math.nan)},
+        cell_columns={"toy_knobs": lambda v: float(v.max())}, legacy_defaults={"flavour": "plain"},
+        sections=(lambda s: ["### Toy knobs", "", f"Most knobs: {s.cells['toy_knobs'].max():g}.", ""],),
+        figures=(registry.Figure("toy_knobs", "Toy knobs", "Knobs per run.", figure),), color="#123456"))
+    yield c
+    registry.unregister("toy")
+
+
+def test_a_registered_method_contributes_columns_a_section_and_a_figure(tmp_path, toy_method):
+    res = tmp_path / "results"
+    for seed, knobs in ((0, 3), (1, 7)):
+        d = run_doc("toy", 0.01, seed, 50.0)
+        d["method_info"] = {"knobs": knobs}
+        write_run(res, d)
+    write_run(res, run_doc("lora", 0.01, 0, 40.0))
+    analyze([str(res)], tmp_path / "out", Options(n_boot=10))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "### Toy knobs\n\nMost knobs: 7.\n" in report
+    assert "5. **Toy knobs.** Knobs per run." in report  # after the four shared figures
+    assert (tmp_path / "out" / "figures" / "tiny-llama-bundled" / "toy_knobs.png").stat().st_size > 1000
+    import pandas as pd
+
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert runs["toy_knobs"].fillna(-1).tolist() == [-1, 3, 7]  # by file: lora, toy s0, toy s1
+    assert set(runs[runs["method"] == "toy"]["cfg.method.flavour"]) == {"plain"}  # the legacy default
+    assert "smt_blocks" in runs.columns  # every contribution's columns, on every row
+    assert "### SMT block share" not in report  # SMT's sections only where SMT ran
+
+
+def test_the_analysis_imports_no_torch():
+    code = ("import sys, smt_bench.analysis.report as r; from smt_bench.analysis import registry; "
+            "assert [c.method for c in registry.contributions()] == ['smt'], registry.contributions(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .load import GROUPS, MEMORY_PARTS
+from . import registry
+from .schema import MEMORY_PARTS
 
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
@@ -40,7 +41,8 @@ def mean_ci(values) -> tuple[float, float, int]:
     return m, t975(n - 1) * float(x.std(ddof=1)) / math.sqrt(n), n
 
 
-def _mean(values) -> float:
+def finite_mean(values) -> float:
+    """The mean of the finite values (NaN when there are none): how a cell averages its runs."""
     x = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(x)) if x else math.nan
 
@@ -75,14 +77,15 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                                                                       if np.isfinite(v)),
         }
         for col in ("trainable_pct", "trainable_pct_target", "trainable_params", "peak_memory_bytes",
-                    "tokens_per_s", "median_step_time_s", *[f"mem_{p}" for p in MEMORY_PARTS],
-                    *[f"smt_blocks_{p}" for p in GROUPS], "smt_blocks",
-                    *[f"smt_eligible_{p}" for p in GROUPS]):
-            row[col] = _mean(g[col])
+                    "tokens_per_s", "median_step_time_s", *[f"mem_{p}" for p in MEMORY_PARTS]):
+            row[col] = finite_mean(g[col])
+        for c in registry.contributions():
+            for col, aggregate in c.cell_columns.items():
+                row[col] = aggregate(g[col])
         for col in ("tokens_per_s", "median_step_time_s"):
             row[f"{col}_ci"] = mean_ci(g[col])[1]
         for col in acc_cols:
-            row[col] = _mean(g[col])
+            row[col] = finite_mean(g[col])
         row["tasks"] = g["tasks"].iloc[0]
         row["peak_memory_kind"] = ",".join(sorted(set(g["peak_memory_kind"]) - {""}))
         row["devices"] = ",".join(sorted({f"{t}:{d}" if d else t for t, d in zip(g["device_type"], g["device_name"])}))
@@ -92,7 +95,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         return out
     # ratios against full FT of the same setting (its first series, i.e. the default config)
     for skey, g in out.groupby("setting_key", sort=True):
-        ft = g[g["method"] == "full_ft"].sort_values(["series", "budget_fraction"], kind="stable")
+        ft = g[g["method"] == reference_method(g)].sort_values(["series", "budget_fraction"], kind="stable")
         ref = ft.iloc[0] if len(ft) else None
         for col, name in (("peak_memory_bytes", "mem_ratio"), ("tokens_per_s", "tput_ratio"),
                           ("median_step_time_s", "step_ratio")):
@@ -100,6 +103,14 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
             out.loc[g.index, name] = g[col] / denom if denom and np.isfinite(denom) else math.nan
         out.loc[g.index, "ft_series"] = ref["series"] if ref is not None else ""
     return out
+
+
+def reference_method(cells: pd.DataFrame) -> str | None:
+    """Full fine-tuning, told apart by what it does rather than by name: the first method (by name) whose
+    every cell trains 100% of the model, target and achieved."""
+    whole = (cells["trainable_pct_target"] == 100) & (cells["trainable_pct"] == 100)
+    partial = set(cells.loc[~whole, "method"])
+    return min((m for m in set(cells["method"]) if m not in partial), default=None)
 
 
 # --- plateau ----------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ from __future__ import annotations
 import itertools
 import statistics
 
+import matplotlib.pyplot as plt
+import numpy as np
+
+from smt_bench.analysis.figures import note, wrap
+from smt_bench.analysis.registry import Setting
+
 FACTORS = ("seed", "warmup_steps", "accumulation", "score")
 
 
@@ -87,3 +93,57 @@ def by_context(rows: list[dict]) -> list[str]:
         js = groups[key]
         out.append(f"| {f} | {100 * b:g}% | {c} | {w} | {len(js)} | {statistics.fmean(js):.3f} | {min(js):.3f} |")
     return out
+
+
+# --- in the report: the SMT runs of one setting ------------------------------------------------
+def stability_points(s: Setting) -> list[dict]:
+    """The SMT runs of one setting that have a block map, as selection-stability points."""
+    runs = s.runs[[bool(s.method_info[f].get("block_map")) for f in s.runs["file"]]]
+    own = {"cfg.method.warmup_steps", "cfg.method.score_accumulation", "cfg.method.score"}
+    # the accumulators' placement does not change the sums, so it is not a factor of the selection
+    rest = sorted(c for c in runs.columns if c.startswith("cfg.method.") and c not in own
+                  and c != "cfg.method.accumulator_device")
+    return [{"seed": int(r["seed"]), "warmup_steps": r.get("cfg.method.warmup_steps"),
+             "accumulation": r.get("cfg.method.score_accumulation"), "score": r.get("cfg.method.score"),
+             "budget": float(r["budget_fraction"]), "fixed": tuple(str(r[c]) for c in rest),
+             "blocks": block_set(s.method_info[r["file"]]["block_map"])} for _, r in runs.iterrows()]
+
+
+TITLE = "SMT selection stability"
+
+
+def section(s: Setting) -> list[str]:
+    """Jaccard overlap of SMT block sets between runs that differ in exactly one selection factor."""
+    rows = pairs(stability_points(s))
+    if not rows:
+        return []
+    return [f"### {TITLE}", "",
+            "Jaccard overlap |A∩B| / |A∪B| of the selected block sets of two SMT runs at the same budget that "
+            "differ in exactly one of seed, warm-up steps, score accumulation and score kind (the seed changes the "
+            "warm-up batches).", "", *markdown(rows), "",
+            f"![{TITLE}](figures/{s.slug}/smt_stability.png) ([PDF](figures/{s.slug}/smt_stability.pdf))", ""]
+
+
+def report_figure(s: Setting):
+    rows = pairs(stability_points(s))
+    return selection_stability(summary(rows), f"{TITLE} — {s.label}") if rows else None
+
+
+def selection_stability(summary_rows: list[dict], title: str):
+    """Mean Jaccard per compared factor (bar) with the lowest pair as a marker, one group per budget."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(summary_rows) + 2.0), 3.6))
+    if not summary_rows:
+        note(ax, "no two SMT selections differ in exactly one factor")
+    labels = [f"{r['factor']}\n{r['compared'].replace(' vs ', chr(10) + 'vs ')}\n{100 * r['budget']:g}%"
+              for r in summary_rows]
+    x = np.arange(len(summary_rows))
+    colors = dict(zip(FACTORS, ("#4c72b0", "#55a868", "#c44e52", "#8172b2")))
+    ax.bar(x, [r["mean"] for r in summary_rows], color=[colors.get(r["factor"], "#777777") for r in summary_rows])
+    ax.plot(x, [r["min"] for r in summary_rows], "k_", ms=14, label="lowest pair")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("Jaccard of selected blocks")
+    if summary_rows:
+        ax.legend(loc="lower right")
+    fig.suptitle(wrap(title))
+    return fig

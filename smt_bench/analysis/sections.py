@@ -1,0 +1,202 @@
+"""The report's shared sections: the header, one section per setting, runs that did not finish, provenance.
+
+Method-specific sections come from the registry and are spliced into each setting's section.
+"""
+from __future__ import annotations
+
+from .load import Loaded
+from .markdown import acc, anchor, pct, plural, table
+from .registry import Figure, Setting
+from .stats import fmt, fmt_budget
+
+
+def header(loaded: Loaded, kept, duplicates, opts) -> list[str]:
+    """Counts, conventions (opts: report.Options) and the list of settings."""
+    runs = loaded.runs
+    n_fin = int((runs["status"] == "finished").sum())
+    by_status = runs[runs["status"] != "finished"]["status"].value_counts()
+    not_fin = f"{len(runs) - n_fin} not finished" + (
+        f" ({', '.join(f'{n} {s}' for s, n in sorted(by_status.items()))})" if len(by_status) else "")
+    out = [
+        "# smt-bench analysis",
+        "",
+        f"From {plural(loaded.n_files, 'run file')}: {n_fin} finished, {not_fin}, {len(loaded.bad)} not "
+        f"readable as a run (listed at the end), {plural(len(duplicates), 'duplicate seed')} ignored. Figures and tables use "
+        f"finished runs only: {plural(len(kept), 'run')} in {plural(kept['setting_key'].nunique() if len(kept) else 0, 'setting')}.",
+        "",
+        "Conventions: accuracy in points (%), mean over seeds ± the 95% Student-t half-width (no interval with one "
+        "seed). A *setting* is everything but method, budget and seed (model, data, training and evaluation "
+        "config, the evaluation protocol); numbers are only compared within one. Ratios are against full FT of the "
+        "same setting. *Plateau*: the smallest budget from which every further gain in mean accuracy per doubling "
+        f"of the budget is below ε = {opts.epsilon:.2f} points (or negative); \"none\" when the last step still "
+        f"gains ≥ ε. Its interval is a 95% bootstrap over seeds ({opts.n_boot} resamples of each budget's seeds, "
+        f"RNG seed {opts.seed}).",
+        "",
+    ]
+    if len(kept):
+        out += ["Settings:", ""]
+        for label, slug in sorted(set(zip(kept["setting"], kept["setting_slug"]))):
+            out.append(f"- [{label}](#{anchor(label)}) (figures in `figures/{slug}/`)")
+        out.append("")
+    return out
+
+
+def _seeds_label(cell_seeds: tuple, all_seeds: set) -> str:
+    missing = sorted(all_seeds - set(cell_seeds))
+    n = len(cell_seeds)
+    return f"{n} (no {', '.join(f's{s}' for s in missing)})" if missing else str(n)
+
+
+def setting_section(s: Setting, contributed: list[str], figures: list[Figure]) -> list[str]:
+    """The shared tables of one setting, then the methods' own sections, then its listed figures."""
+    c, plateaus, pal, label, slug = s.cells, s.plateaus, s.palette, s.label, s.slug
+    out = [f"## {label}", ""]
+    devices = sorted(set(",".join(c["devices"]).split(",")) - {""})
+    kinds = sorted(set(",".join(c["peak_memory_kind"]).split(",")) - {""})
+    out.append(f"Protocol: `{c['protocol'].iloc[0]}`. Devices: {', '.join(devices) or 'unknown'}. "
+               f"Peak memory: {', '.join(kinds) or 'unknown'}.")
+    if len(devices) > 1:
+        out.append("**Mixed devices:** memory and throughput ratios compare runs from different machines.")
+    ft_series = c["ft_series"].iloc[0]
+    if ft_series:
+        ft = c[(c["series"] == ft_series)].iloc[-1]
+        out.append(f"Full-FT reference: `{ft_series}` ({ft['n_runs']} run{'s' if ft['n_runs'] != 1 else ''}, "
+                   f"accuracy {acc(ft['acc_mean'], ft['acc_ci'])}).")
+    else:
+        out.append("No full-FT run in this setting: the ratio columns are empty and the figures show absolute values.")
+    out.append("")
+
+    out += ["### Results", ""]
+    rows = []
+    order = sorted(range(len(c)), key=lambda i: (pal.key(c.iloc[i]["method"]), c.iloc[i]["series"],
+                                                 c.iloc[i]["budget_fraction"]))
+    seeds_by_series = {x: set(v for t in c[c["series"] == x]["seeds"] for v in t) for x in set(c["series"])}
+    first = {}
+    for i in order:
+        first.setdefault(c.iloc[i]["series"], i)
+    for i in order:
+        r = c.iloc[i]
+        pl = plateaus.get(r["series"])
+        if r["series"] not in plateaus:  # the reference
+            mark = ""
+        elif pl is None:
+            mark = "n/a" if first[r["series"]] == i else ""
+        elif pl.index is None:
+            mark = "none in range" if first[r["series"]] == i else ""
+        else:
+            mark = "starts here" if pl.budget == r["budget_fraction"] else ""
+        rows.append([r["series"], fmt_budget(r["budget_fraction"]), _seeds_label(r["seeds"], seeds_by_series[r["series"]]),
+                     acc(r["acc_mean"], r["acc_ci"]),
+                     f"{pct(r['trainable_pct'])} / {pct(r['trainable_pct_target'])}",
+                     fmt(r["mem_ratio"], ".2f"), fmt(r["tput_ratio"], ".2f"), fmt(r["step_ratio"], ".2f"),
+                     "yes" if r["pareto"] else "", mark])
+    out += table(["method", "budget", "seeds", "accuracy", "trainable % (achieved / target)", "peak memory / FT",
+                   "tokens/s / FT", "step time / FT", "Pareto", "plateau"], rows)
+    out += ["Seeds: runs per budget, naming seeds the method has elsewhere but not here. Budget is the target "
+            "fraction of the model's parameters.", ""]
+
+    out += ["### Plateau", ""]
+    rows = []
+    for series in sorted(plateaus, key=lambda x: (pal.key(c[c["series"] == x]["method"].iloc[0]), x)):
+        pl = plateaus[series]
+        if pl is None:
+            rows.append([series, "n/a (fewer than two evaluated budgets)", "", "", ""])
+            continue
+        gains = "; ".join(f"{fmt_budget(pl.budgets[i])}→{fmt_budget(pl.budgets[i + 1])}: {pl.gains[i]:+.2f}"
+                          for i in range(len(pl.gains)))
+        ci = "—" if pl.ci_low is None else f"[{pl.label(pl.ci_low)}, {pl.label(pl.ci_high)}]"
+        p_none = fmt(pl.p_none, ".2f")
+        rows.append([series, "none in range" if pl.index is None else fmt_budget(pl.budget), ci, p_none, gains])
+    if rows:
+        out += table(["method", "plateau from", "bootstrap 95% interval", "P(no plateau)",
+                       "gain per doubling (points)"], rows)
+    else:
+        out += ["No method with a budget sweep in this setting.", ""]
+
+    acc_cols = [col for col in c.columns if col.startswith("acc.") and c[col].notna().any()]
+    if acc_cols:
+        out += ["### Per-task accuracy", "", "Mean over seeds."]
+        out.append("")
+        rows = [[c.iloc[i]["series"], fmt_budget(c.iloc[i]["budget_fraction"])]
+                + [fmt(c.iloc[i][col], ".1f") for col in acc_cols] for i in order]
+        out += table(["method", "budget"] + [col[4:] for col in acc_cols], rows)
+
+    out += contributed
+    out += ["### Figures", ""]
+    for n, f in enumerate(figures, 1):
+        out += [f"{n}. **{f.title}.** {f.caption}", "", f"   {figure_link(f.title, slug, f.stem)}", ""]
+    return out
+
+
+def figure_link(title: str, slug: str, stem: str) -> str:
+    return f"![{title}](figures/{slug}/{stem}.png) ([PDF](figures/{slug}/{stem}.pdf))"
+
+
+def failures_section(loaded: Loaded, duplicates) -> list[str]:
+    out = ["## Runs that did not finish", "",
+           "Not in the statistics. Detail: where a diverged run stopped, the batch size an OOM ran with, the last "
+           "checkpoint of a running (or killed) or preempted run, and the error.", ""]
+    runs = loaded.runs
+    unfinished = runs[runs["status"] != "finished"]
+    if len(unfinished):
+        finished_keys = set(runs[runs["status"] == "finished"]["config_key"])
+        rows = []
+        for _, r in unfinished.iterrows():
+            detail = unfinished_detail(r["status"], loaded.run_info[r["file"]], loaded.configs[r["file"]], r["error"])
+            rows.append([f"`{r['file']}`", r["method"], r["model"], fmt_budget(r["budget_fraction"]), str(r["seed"]),
+                         r["status"], detail, "yes" if r["config_key"] in finished_keys else "no"])
+        out += table(["file", "method", "model", "budget", "seed", "status", "detail", "rerun finished"], rows)
+    else:
+        out += ["None.", ""]
+    out += ["## Files that are not valid runs", ""]
+    if loaded.bad:
+        out += table(["file", "problem"], [[f"`{b.path}`", b.reason] for b in sorted(loaded.bad, key=lambda b: b.path)])
+    else:
+        out += ["None.", ""]
+    if duplicates:
+        out += ["## Duplicate seeds ignored", "",
+                "Same setting, method config, budget and seed as an earlier file (e.g. a rerun elsewhere); the "
+                "first file by name is used.", ""]
+        out += table(["file", "kept instead"], [[f"`{a}`", f"`{b}`"] for a, b in sorted(duplicates)])
+    return out
+
+
+def unfinished_detail(status: str, run_info: dict, config: dict, error: str) -> str:
+    """What a run that did not finish got to, then its error (first line), at most 120 characters."""
+    if status == "diverged":
+        fact = f"diverged at step {run_info['diverged_at_step']}"
+    elif status in ("running", "preempted"):
+        step = run_info.get("checkpoint_step")
+        fact = "no checkpoint" if step is None else f"last checkpoint at step {step}"
+    elif status == "oom":
+        bs = run_info.get("batch_size", (config.get("train") or {}).get("batch_size"))  # newer runs record it
+        fact = f"batch size {bs}" if bs is not None else ""
+    else:
+        fact = ""
+    text = "; ".join(x for x in (fact, error) if x)
+    return (text if len(text) <= 120 else text[:117] + "...") or "—"
+
+
+def provenance_section(loaded: Loaded) -> list[str]:
+    runs = loaded.runs
+    out = ["## Provenance", "", "Of the valid run files (all statuses).", ""]
+    shas = {}
+    for sha, dirty in zip(runs["git_sha"], runs["git_dirty"]):
+        n, d = shas.get(sha or "unknown", (0, 0))
+        shas[sha or "unknown"] = (n + 1, d + int(bool(dirty)))
+    out += table(["git sha", "runs", "of them with uncommitted changes"],
+                  [[f"`{s}`", str(n), str(d)] for s, (n, d) in sorted(shas.items())])
+    devs = {}
+    for t, name in zip(runs["device_type"], runs["device_name"]):
+        key = (t or "unknown", name or "unknown")
+        devs[key] = devs.get(key, 0) + 1
+    out += table(["device", "name", "runs"], [[t, n, str(c)] for (t, n), c in sorted(devs.items())])
+    versions: dict[str, dict[str, int]] = {}
+    for f in runs["file"]:
+        for pkg, v in ((loaded.meta.get(f) or {}).get("versions") or {}).items():
+            versions.setdefault(str(pkg), {})
+            versions[pkg][str(v)] = versions[pkg].get(str(v), 0) + 1
+    if versions:
+        out += table(["package", "versions (runs)"],
+                      [[p, ", ".join(f"{v} ({n})" for v, n in sorted(vs.items()))] for p, vs in sorted(versions.items())])
+    return out

@@ -1,0 +1,78 @@
+"""Settings and series: which runs may be compared, and how each method's variants are labelled.
+
+A setting = everything but method, budget and seed (model, data, train, eval, protocol): runs are only
+compared inside one. A series = a method plus whatever of its own config varies within a setting.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from .flatten import flatten_config
+
+# config keys that do not change what a run computes (or are the axes of the analysis)
+NOT_SETTING = ("seed", "budget", "results", "logger", "device", "threads", "method")
+
+
+def assign_settings(loaded) -> None:
+    """Adds setting_key, config_key, setting, setting_slug and series to loaded.runs (a load.Loaded)."""
+    df = loaded.runs
+    flat = {f: flatten_config(loaded.configs[f]) for f in df["file"]}
+
+    def shared(f):
+        return {k: v for k, v in flat[f].items() if k.split(".", 1)[0] not in NOT_SETTING}
+
+    keys = []
+    for f, proto, tasks, status in zip(df["file"], df["protocol"], df["tasks"], df["status"]):
+        s = shared(f)
+        if status == "finished":  # the protocol and tasks a run reports are part of what its accuracy means
+            s["eval.protocol"] = json.dumps(proto)
+            s["eval.tasks"] = json.dumps(tasks)
+        keys.append(json.dumps(s, sort_keys=True))
+    df["setting_key"] = keys
+    # the same computation (a rerun on another device counts as the same): finds superseded failures
+    df["config_key"] = [json.dumps({k: v for k, v in flat[f].items()
+                                    if k.split(".", 1)[0] not in ("results", "logger", "device", "threads")},
+                                   sort_keys=True) for f in df["file"]]
+    labels, slugs = {}, {}
+    by_md: dict[tuple, list[str]] = {}
+    fin_keys = {k for k, st in zip(keys, df["status"]) if st == "finished"}
+    for key in sorted(fin_keys):
+        s = json.loads(key)
+        md = (json.loads(s["model.name"]), json.loads(s["data.name"]))
+        by_md.setdefault(md, []).append(key)
+    for (model, data), group in sorted(by_md.items()):
+        dicts = [json.loads(k) for k in group]
+        varying = sorted({k for d in dicts for k in set().union(*dicts) if len({x.get(k) for x in dicts}) > 1})
+        for i, (key, d) in enumerate(zip(group, dicts)):
+            extra = ", ".join(f"{k}={_label_value(d.get(k))}" for k in varying)
+            labels[key] = f"{model} · {data}" + (f" ({extra})" if extra else "")
+            slugs[key] = _slug(f"{model}-{data}") + (f"-{i + 1}" if len(group) > 1 else "")
+    df["setting"] = [labels.get(k, "") for k in keys]  # figures and tables: finished runs only
+    df["setting_slug"] = [slugs.get(k, "") for k in keys]
+
+    series = [""] * len(df)
+    for (skey, method), idx in df.groupby(["setting_key", "method"], sort=True).groups.items():
+        idx = list(idx)
+        mflat = {i: {k: v for k, v in flat[df.at[i, "file"]].items() if k.startswith("method.")
+                     and k != "method.name"} for i in idx}
+        varying = sorted({k for d in mflat.values() for k in d if len({x.get(k) for x in mflat.values()}) > 1})
+        for i in idx:
+            extra = ", ".join(f"{k[len('method.'):]}={_label_value(mflat[i].get(k))}" for k in varying)
+            series[i] = method + (f" ({extra})" if extra else "")
+    df["series"] = series
+
+
+def _label_value(v, width: int = 32) -> str:
+    if v is None:
+        return "unset"
+    try:
+        x = json.loads(v)
+    except (TypeError, ValueError):
+        x = str(v)
+    text = x if isinstance(x, str) else json.dumps(x)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "setting"

@@ -1,0 +1,22 @@
+"""SMT's part of the analysis report (smt_bench.analysis finds it through its registry).
+
+columns: blocks per projection group, read from method_info; blocks: the share and rate tables and the
+block-map figure; stability: how much two selections that differ in one factor overlap. Imports no torch.
+"""
+from smt_bench.analysis.registry import Contribution, Figure
+from smt_bench.analysis.stats import finite_mean
+
+from . import blocks, columns, stability
+
+CONTRIBUTION = Contribution(
+    method="smt",
+    run_columns=columns.run_columns,
+    cell_columns={c: finite_mean for c in columns.CELL_COLUMNS},
+    check=columns.check,
+    legacy_defaults=columns.LEGACY_DEFAULTS,
+    sections=(blocks.share_section, stability.section),
+    figures=(Figure("smt_blocks", blocks.TITLE, blocks.CAPTION, blocks.block_map_figure),
+             Figure("smt_stability", stability.TITLE, "", stability.report_figure, listed=False)),
+    color="#2ca02c",
+    order=1,  # the method under study: after the baselines
+)
