@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from smt_bench import provenance  # noqa: E402
 from smt_bench.memory import PeakMemory, optimizer_state_bytes  # noqa: E402
-from smt_bench.methods.base import Warmup  # noqa: E402
+from smt_bench.methods.base import Context  # noqa: E402
 
 METHODS = ("floor", "smt", "smt_reference", "lora", "dora", "full_ft")
 MMAP_THRESHOLD = 65536  # bytes; a fixed value also turns off glibc's dynamic threshold
@@ -104,28 +104,29 @@ def worker(args) -> dict:
     else:
         method = _build("smt" if args.worker == "smt_reference" else args.worker, args.block_size, args.warmup_steps)
         plan = method.plan(shapes, round(args.budget * shapes.total_params))
-        warm = Warmup(batches=lambda n: iter({"input_ids": b, "labels": b} for b in batches[:n]),
-                      loss=lambda m, b: m(**b).loss)
+        warm = Context(batches=lambda n: iter({"input_ids": b, "labels": b} for b in batches[:n]),
+                       loss=lambda m, b: m(**b).loss, device=torch.device("cpu"))
         mem.start()
-        model = method.prepare(model, plan, warm)
+        tuned = method.prepare(model, plan, warm)
+        model = tuned.model
         if args.worker in ("smt", "smt_reference"):
             out["warmup_peak_bytes"] = mem.stop()
         if args.worker == "smt_reference":
-            for n, layer in list(method._layers.items()):
+            for n, layer in list(tuned.layers.items()):
                 parent, child = n.rsplit(".", 1)
                 setattr(model.get_submodule(parent), child, ReferenceBlockLinear(layer))
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
         else:
-            params = method.trainable_parameters(model)
-            opt = method.build_optimizer(params)
+            params = tuned.trainable_parameters()
+            opt = tuned.build_optimizer()
         out["trainable_params"] = sum(p.numel() for p in params)
         out["plan"] = plan.detail
         if args.worker == "smt":
             out["saved_column_bytes"] = sum(  # one shared copy per group, fp32
                 args.batch * args.seq * (l.shared.union_cols.numel() if not l.shared.keep_full else
                                          l.in_features // l.block_size) * l.block_size * 4
-                for l in {id(l.shared): l for l in method._layers.values()}.values())
+                for l in {id(l.shared): l for l in tuned.layers.values()}.values())
     model.train()
 
     def step(ids):

@@ -34,12 +34,12 @@ from smt_bench.analysis import figures as F  # noqa: E402
 from smt_bench.methods.smt.analysis.stability import (block_set, by_context, markdown, pairs,  # noqa: E402
                                                       selection_stability, summary)
 from smt_bench.data.batches import encode  # noqa: E402
-from smt_bench.methods.smt.method import PROJ  # noqa: E402
+from smt_bench.methods.smt.tuned import PROJ  # noqa: E402
 from smt_bench.methods.smt.scoring import BlockScorer  # noqa: E402
 from smt_bench.methods.smt.selection import select  # noqa: E402
 from smt_bench.models import shapes_of  # noqa: E402
 from smt_bench.results import write_json_atomic  # noqa: E402
-from smt_bench.run import Prepared, seed_everything, warmup_for  # noqa: E402
+from smt_bench.run import Prepared, method_context, seed_everything  # noqa: E402
 
 ACCUMULATIONS = ("grad_sum", "score_sum")
 
@@ -70,13 +70,13 @@ def _setup(prep: Prepared):
     for l in linears.values():
         l.weight.requires_grad_(True)
     train_ex = encode(prep.splits.train, tok, cfg.train.max_len, cfg.train.train_on_inputs)
-    return model, linears, warmup_for(train_ex, cfg.train.batch_size, tok.pad_token_id, cfg.seed, dev)
+    return model, linears, method_context(train_ex, cfg.train.batch_size, tok.pad_token_id, cfg.seed, dev)
 
 
 def study_seed(seed: int, args) -> list[dict]:
     longest = max(args.steps)
     prep = _prepared(_overrides(args, seed, longest, "grad_sum"))
-    m, B, k = prep.method, prep.method.block_size, prep.plan.detail["blocks"]
+    m, B, k = prep.method, prep.plan.detail["block_size"], prep.plan.detail["blocks"]
     model, linears, warmup = _setup(prep)
     eligible = Counter()
     for n, l in linears.items():
@@ -120,9 +120,9 @@ def self_check(args, points: list[dict]) -> list[str]:
         model.to(prep.device)
         cfg = prep.cfg
         train_ex = encode(prep.splits.train, tok, cfg.train.max_len, cfg.train.train_on_inputs)
-        prep.method.prepare(model, prep.plan, warmup_for(train_ex, cfg.train.batch_size, tok.pad_token_id, seed,
-                                                          prep.device))
-        got = block_set(prep.method.block_map())
+        tuned = prep.method.prepare(model, prep.plan, method_context(train_ex, cfg.train.batch_size, tok.pad_token_id,
+                                                                     seed, prep.device))
+        got = block_set(tuned.block_map())
         want = next(block_set(p["block_map"]) for p in points if p["factors"] == {
             "seed": seed, "warmup_steps": steps, "accumulation": acc, "score": args.kinds[0]})
         if got != want:

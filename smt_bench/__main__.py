@@ -9,9 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, UserError
-from .schema.store import register
+from .schema.store import CONF, register
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 register()  # the config schema, before Hydra composes anything
 
 
