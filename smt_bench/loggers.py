@@ -1,7 +1,13 @@
-"""Metric loggers: none by default; wandb optional and offline-safe."""
+"""Metric loggers: none by default; wandb optional and offline-safe.
+
+A logger is started with the run's id and its resolved config (a plain dict), so whatever it names or
+tags is read from that config and callers pass nothing else.
+"""
 from __future__ import annotations
 
 import os
+
+WANDB_GROUP_MAX = 128  # wandb's limit on a group name
 
 
 class NullLogger:
@@ -15,18 +21,65 @@ class NullLogger:
         pass
 
 
-class WandbLogger(NullLogger):
-    """wandb raises without an account; default to offline unless WANDB_MODE or `mode` says otherwise."""
+def _at(config: dict, dotted: str):
+    """config["a"]["b"] for "a.b", or None where a key is missing (a partial config, e.g. from a script)."""
+    for key in dotted.split("."):
+        if not isinstance(config, dict) or key not in config:
+            return None
+        config = config[key]
+    return config
 
-    def __init__(self, project: str = "smt-bench", mode: str | None = None):
-        self.project, self.mode, self.run = project, mode, None
+
+def run_name(run_id: str, config: dict) -> str:
+    """method-budget-model-seed, e.g. smt-b0.01-smollm2-135m-s0 (the result file's name, plus the model)."""
+    method, frac, model, seed = (_at(config, k) for k in ("method.name", "budget.fraction", "model.name", "seed"))
+    parts = [method, None if frac is None else f"b{float(frac):g}", model, None if seed is None else f"s{seed}"]
+    return "-".join(str(p) for p in parts if p is not None) or run_id
+
+
+def sweep_group(config: dict) -> str | None:
+    """<results.dir>/<results.group>: where the sweep's result files go, so the same sweep rerun or requeued
+    lands in the same group; the tail is kept where it is longer than wandb allows."""
+    where, group = _at(config, "results.dir"), _at(config, "results.group")
+    if where is None or group is None:
+        return None
+    name = f"{os.path.normpath(str(where))}/{group}"
+    return name[-WANDB_GROUP_MAX:]
+
+
+def run_tags(config: dict) -> list[str]:
+    """key:value tags to filter runs by in the wandb UI (the full config is there too)."""
+    keys = {"method": "method.name", "model": "model.name", "data": "data.name", "budget": "budget.fraction"}
+    tags = []
+    for tag, key in keys.items():
+        value = _at(config, key)
+        if value is not None:
+            tags.append(f"{tag}:{float(value):g}" if tag == "budget" else f"{tag}:{value}")
+    return tags
+
+
+class WandbLogger(NullLogger):
+    """One wandb run per smt-bench run, offline unless WANDB_MODE or `mode` says otherwise (no account or
+    network needed; `wandb sync` uploads later).
+
+    The wandb id is the run's config-hash id and resuming is allowed, so a run that is requeued and resumes
+    from its checkpoint continues the same wandb run instead of starting a second one.
+    """
+
+    def __init__(self, project: str = "smt-bench", entity: str | None = None, group: str | None = None,
+                 tags: list[str] | None = None, mode: str | None = None):
+        self.project, self.entity, self.group, self.tags, self.mode = project, entity, group, list(tags or []), mode
+        self.run = None
 
     def start(self, run_id: str, config: dict) -> None:
         import wandb
 
         mode = self.mode or os.environ.get("WANDB_MODE") or "offline"
-        self.run = wandb.init(project=self.project, name=run_id, id=run_id, config=config, mode=mode,
-                              reinit="finish_previous")
+        tags = run_tags(config)
+        tags += [t for t in self.tags if t not in tags]
+        self.run = wandb.init(project=self.project, entity=self.entity, id=run_id, resume="allow",
+                              name=run_name(run_id, config), group=self.group or sweep_group(config), tags=tags,
+                              config=config, mode=mode, reinit="finish_previous")
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

@@ -212,6 +212,9 @@ class NoLogger:
 class WandbLogger:
     _target_: str = "smt_bench.loggers.WandbLogger"
     project: str = param(valid=nonempty())
+    entity: Optional[str] = param(valid=optional(nonempty(), "(wandb's default entity)"))
+    group: Optional[str] = param(valid=optional(nonempty(), "(<results.dir>/<results.group>)"))
+    tags: list[str] = param(valid=each(nonempty()))
     mode: Optional[str] = param(valid=optional(one_of(WANDB_MODES), "($WANDB_MODE, else offline)"))
 
 

@@ -1,0 +1,106 @@
+"""hydra/launcher=slurm and hydra/launcher=local without a cluster.
+
+slurm: the real command line goes through Hydra, the hydra-submitit-launcher plugin and submitit up to the
+`sbatch` call, which is intercepted (submitit's `_make_submission_command`): the test reads the sbatch
+script submitit wrote and the job pickles it left for the array tasks. local: a real 2-run sweep through
+submitit's local executor, one process per run, to finished result files.
+"""
+import json
+import re
+import signal
+import sys
+
+import pytest
+from submitit.core.job_environment import SignalHandler
+from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError
+from submitit.slurm.slurm import SlurmExecutor, SlurmJob, SlurmJobEnvironment
+
+TINY = ["model=tiny-llama", "device=cpu", "train.max_steps=2", "train.batch_size=2", "train.max_len=64",
+        "eval.enabled=false", "data.n_train_per_task=2", "data.n_val_per_task=1", "data.n_test_per_task=1"]
+CLUSTER = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=mylab",
+           "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=600", "hydra.launcher.array_parallelism=2",
+           "hydra.launcher.setup=[module load cuda/12.4,source .venv/bin/activate]"]
+
+
+@pytest.fixture
+def sbatch(monkeypatch):
+    """Stands in for SLURM: srun 'exists', `sbatch <script>` records the script and answers as sbatch
+    does, and waiting for the jobs' results returns at once (nothing runs)."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    scripts = []
+
+    def submit(self, path):
+        scripts.append(path.read_text())
+        return [sys.executable, "-c", "print('Submitted batch job 4242')"]
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))
+    monkeypatch.setattr(SlurmExecutor, "_make_submission_command", submit)
+    monkeypatch.setattr(SlurmJob, "results", lambda self: [JobReturn(status=JobStatus.COMPLETED)])
+    return scripts
+
+
+def test_slurm_sweep_is_one_array_job_with_the_requested_resources_requeue_and_signal(
+        sbatch, monkeypatch, tmp_path, capsys, smollm2_path):
+    from smt_bench.__main__ import main
+
+    sweep = tmp_path / "sweep"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["smt_bench", "-m", *CLUSTER, *TINY, "method=smt,lora", "budget.fraction=0.005",
+                                      "seed=0,1", f"results.dir={tmp_path / 'results'}", f"hydra.sweep.dir={sweep}"])
+    main()
+    assert "sweep of 4 jobs: 4 not run" in capsys.readouterr().out  # submitted; nothing ran here
+
+    (script,) = sbatch  # the whole sweep is one sbatch call: a job array
+    lines = script.splitlines()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=mylab", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --time=600", "#SBATCH --signal=USR2@300", "#SBATCH --requeue", "#SBATCH --array=0-3%2",
+                 "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=64GB", "#SBATCH --job-name=smt-bench", "#SBATCH --open-mode=append"):
+        assert line in lines, (line, script)
+    setup = lines.index("# setup")
+    assert lines[setup + 1:setup + 3] == ["module load cuda/12.4", "source .venv/bin/activate"]
+    (command,) = [l for l in lines if l.startswith("srun ")]
+    assert lines.index(command) > setup + 2
+    assert re.search(r"-u -m submitit\.core\._submit \S*\.submitit/%j$", command), command
+
+    # what each array task will run, and what submitit does on SIGUSR2: the plugin's launcher is
+    # checkpointable, so a timed-out task is requeued (max_num_timeout=3 times), a 4th timeout ends it
+    pickles = sorted(sweep.glob(".submitit/4242_*/4242_*_submitted.pkl"))
+    assert len(pickles) == 4
+    tasks = [DelayedSubmission.load(p) for p in pickles]
+    swept = sorted(tuple(o for o in t.args[0] if o.startswith(("method=", "seed="))) for t in tasks)
+    assert swept == [(m, s) for m in ("method=lora", "method=smt") for s in ("seed=0", "seed=1")]
+    assert {(t._timeout_min, t._timeout_countdown) for t in tasks} == {(600, 3)}
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242_0")
+    monkeypatch.setenv("SLURM_PROCID", "0")  # rank 0: the task that checkpoints and requeues
+    requeued = []
+    monkeypatch.setattr(SlurmJobEnvironment, "_requeue", lambda self, countdown: requeued.append(countdown))
+    monkeypatch.setattr(SignalHandler, "has_timed_out", lambda self: True)
+    monkeypatch.setattr(SignalHandler, "_exit", lambda self: None)
+    paths = JobPaths(sweep / ".submitit" / "%j", job_id="4242_0")
+    for _ in range(3):
+        task = DelayedSubmission.load(paths.submitted_pickle)  # as submitit loads it when the task (re)starts
+        SignalHandler(SlurmJobEnvironment(), paths, task).checkpoint_and_try_requeue(signal.SIGUSR2)
+    assert requeued == [2, 1, 0]  # submitit re-dumped the same call with one timeout fewer each time
+    task = DelayedSubmission.load(paths.submitted_pickle)
+    assert task.args[0] == tasks[0].args[0] and task._timeout_countdown == 0
+    with pytest.raises(UncompletedJobError, match="timed-out too many times"):
+        SignalHandler(SlurmJobEnvironment(), paths, task).checkpoint_and_try_requeue(signal.SIGUSR2)
+
+
+def test_local_launcher_runs_a_sweep_to_finished_results(cli, tmp_path, smollm2_path):
+    results, sweep = tmp_path / "results", tmp_path / "sweep"
+    proc = cli("-m", "hydra/launcher=local", *TINY, "seed=0,1", f"results.dir={results}", f"hydra.sweep.dir={sweep}",
+               timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[smt-bench] sweep of 2 jobs: 2 finished" in proc.stdout, proc.stdout
+    files = sorted(results.rglob("*.json"))
+    assert [re.sub(r"-[0-9a-f]{12}\.json$", "", f.name) for f in files] == ["lora-b0.01-s0", "lora-b0.01-s1"]
+    assert [json.loads(f.read_text())["run_info"]["status"] for f in files] == ["finished", "finished"]
+    # each run was its own submitit job (one process each), whose log holds the run's own last line
+    logs = sorted(sweep.glob(".submitit/*/*_log.out"))
+    assert len(logs) == 2 and len({l.parent for l in logs}) == 2
+    assert sorted(next(l for l in p.read_text().splitlines() if l.startswith("[smt-bench] finished: lora"))
+                  .rsplit("/", 1)[1] for p in logs) == [f.name for f in files]
