@@ -125,6 +125,15 @@ def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int
     return Context(batches=batches, loss=loss, device=dev, world=world or World.current())
 
 
+def _command() -> str:
+    """This job's own command line: under a sweep or submitit, sys.argv is the sweep's or submitit's."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return " ".join(["python -m smt_bench", *HydraConfig.get().overrides.task])
+    return " ".join(sys.argv)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
 
@@ -150,7 +159,7 @@ def execute(cfg: DictConfig) -> dict | None:
     logger = _build(cfg.logger, "logger")
     result = {
         "schema_version": SCHEMA_VERSION,
-        "run_info": {"id": prep.run_id, "created_at": _now(), "command": " ".join(sys.argv),
+        "run_info": {"id": prep.run_id, "created_at": _now(), "command": _command(),
                      "status": "running", "error": None, "checkpoint_step": ckpts.latest_step()},
         "config": prep.container,
         "meta_info": provenance.meta_info(prep.device),

@@ -2,7 +2,7 @@
 faults injected at exact training steps, so tests can kill, signal or break a run where they choose.
 
 KIND: kill (SIGKILL to this process: nothing runs after it), term (SIGTERM: the run checkpoints and
-stops), raise (a RuntimeError in training), nan (the loss turns NaN: a divergence). A fault fires at
+stops), raise (a RuntimeError in training), oom (torch.OutOfMemoryError), nan (the loss turns NaN: a divergence). A fault fires at
 the end of step STEP (when the trainer logs it, before that step's checkpoint) of the job whose
 config has seed SEED (any job if left out). Only the test process is patched; smt-bench has no
 fault hooks of its own.
@@ -42,6 +42,10 @@ def install(faults: list[tuple[str, int, int | None]]) -> None:
                     os.kill(os.getpid(), signal.SIGTERM)
                 elif kind == "raise":
                     raise RuntimeError(f"injected fault at step {step}")
+                elif kind == "oom":
+                    import torch
+
+                    raise torch.OutOfMemoryError(f"injected out of memory at step {step}")
                 elif kind == "nan":
                     broken["nan"] = True
 

@@ -48,7 +48,9 @@ def test_slurm_sweep_is_one_array_job_with_the_requested_resources_requeue_and_s
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["smt_bench", "-m", *CLUSTER, *TINY, "method=smt,lora", "budget.fraction=0.005",
                                       "seed=0,1", f"results.dir={tmp_path / 'results'}", f"hydra.sweep.dir={sweep}"])
-    main()
+    with pytest.raises(SystemExit) as ended:  # sbatch is intercepted: no job ran, so the sweep is unfinished
+        main()
+    assert ended.value.code == 1
     assert "sweep of 4 jobs: 4 not run" in capsys.readouterr().out  # submitted; nothing ran here
 
     (script,) = sbatch  # the whole sweep is one sbatch call: a job array

@@ -49,6 +49,7 @@ def offline_wandb(monkeypatch, tmp_path):
     (tmp_path / "wandb-home").mkdir()
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)
+    wandb.teardown()  # an earlier wandb use in this process (test_app.py) left its settings in the singleton
     yield tmp_path / "wandb-home" / "wandb"
     wandb.teardown()
 

@@ -127,10 +127,13 @@ def test_a_sweep_with_broken_cells_finishes_the_rest_and_a_rerun_runs_only_those
     assert "[smt-bench] sweep of 5 jobs: 3 finished, 2 skipped" in p.stdout
 
 
-def test_a_failed_cell_makes_the_sweep_exit_1_after_the_others_ran(tmp_path):
+def test_an_oom_cell_is_recorded_with_its_batch_size_and_the_sweep_exits_1_after_the_others_ran(tmp_path):
     args = ["-m", *BASE, *METHOD["lora"], "results.export=false", "seed=0,1", "train.max_steps=3",
             f"results.dir={tmp_path / 'results'}"]
-    p = _run(tmp_path / "cwd", args, faults=["raise:1:0"])
+    p = _run(tmp_path / "cwd", args, faults=["oom:1:0"])
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "smt-bench: run failed: RuntimeError: injected fault at step 1" in p.stderr
-    assert "[smt-bench] sweep of 2 jobs: 1 failed, 1 finished" in p.stdout
+    assert "smt-bench: run failed: OutOfMemoryError: injected out of memory at step 1" in p.stderr
+    assert "[smt-bench] sweep of 2 jobs: 1 finished, 1 oom" in p.stdout
+    runs = [json.loads(f.read_text())["run_info"] for f in (tmp_path / "results").glob("runs/*/*.json")]
+    oom = [r for r in runs if r["status"] == "oom"]
+    assert len(oom) == 1 and oom[0]["batch_size"] == 4

@@ -13,7 +13,8 @@ def test_study_writes_selections_and_a_report_that_passes_its_self_check(tmp_pat
     out = tmp_path / "study"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "smt_selection_study.py"), "--seeds", "0", "1",
                            "--steps", "1", "2", "--kinds", "abs_mean", "mean_abs", "--budget", "0.002",
-                           "--out", str(out), "model=tiny-llama", "device=cpu", "data.n_train_per_task=8"],
+                           "--out", str(out), "model=tiny-llama", "device=cpu", "data.n_train_per_task=8",
+                           "method.block_size=16"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in (out / "selections").glob("*.json"))
