@@ -15,7 +15,10 @@ register()  # the config schema, before Hydra composes anything
 
 
 def _fail(msg: str):
-    print(f"smt-bench: error: {msg}", file=sys.stderr)
+    from .distributed import World
+
+    if World.current().is_main:  # every rank finds the same bad input; one says so
+        print(f"smt-bench: error: {msg}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -46,6 +49,7 @@ def _multirun() -> bool:
 def app(cfg: DictConfig) -> None:
     """A run that diverges, runs out of memory or fails is recorded in its result file; in a sweep the
     next job goes on (the sweep's table lists it, and rerunning the sweep runs it again)."""
+    from .distributed import World
     from .preemption import Preempted
     from .run import RunFailed, execute
 
@@ -57,7 +61,7 @@ def app(cfg: DictConfig) -> None:
         if e.__cause__ is not None:
             traceback.print_exception(e.__cause__, file=sys.stderr)
         print(f"smt-bench: run failed: {e}", file=sys.stderr, flush=True)
-        if not _multirun():
+        if not _multirun() or (World.current().distributed and not e.agreed):
             sys.exit(EXIT_RUN_FAILED)
     except Preempted as e:  # checkpointed: the same command resumes (submitit requeues it on a cluster)
         print(f"smt-bench: preempted by {e}; checkpoint saved", file=sys.stderr, flush=True)
@@ -95,6 +99,19 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
     return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
+def planned_world_size(argv: list[str]) -> int | None:
+    """The ranks each job will have where the launcher starts them (SLURM: nodes × tasks_per_node, one
+    srun task per rank); None: this process's own world (torchrun's, or one process)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+    launcher = compose_config(fixed, hydra=True).hydra.get("launcher") or {}
+    if "SlurmLauncher" in str(launcher.get("_target_", "")):
+        return int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
+    return None
+
+
 def preflight(argv: list[str]) -> list:
     """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input);
     returns the jobs (their own overrides, result file, and whether it was finished already)."""
@@ -108,6 +125,7 @@ def preflight(argv: list[str]) -> list:
     try:  # a mistyped value or key, or an unquoted list, would otherwise end in a traceback with exit 1
         points = sweep_points(argv)
         cfgs = [compose_config(job) for job in points]
+        world_size = planned_world_size(argv)
     except (ConfigCompositionException, OverrideParseException) as e:
         _fail(error_line(e))
     jobs = []
@@ -115,14 +133,32 @@ def preflight(argv: list[str]) -> list:
     for job, cfg in zip(points, cfgs):
         swept = [o for o in job if o.split("=", 1)[0] in varying]  # what tells this job from the others
         try:
-            prep = Prepared(cfg)
+            prep = Prepared(cfg, world_size)
         except UserError as e:
             _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
         jobs.append((Job(swept, prep.path, finished(prep.path)), str(cfg.results.dir)))
     return jobs
 
 
+def _agreed_preflight(argv: list[str]) -> list:
+    """Under torchrun every rank runs the preflight; if one finds bad input, all exit with its status
+    (none may go on to wait for the others in a collective)."""
+    from .distributed import init
+
+    world = init()
+    code, jobs = 0, []
+    try:
+        jobs = preflight(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    code = int(world.reduce_floats([code], "max")[0])
+    if code:
+        sys.exit(code)
+    return jobs
+
+
 def main() -> None:
+    from .distributed import World
     from .results import finished
 
     argv = sys.argv[1:]
@@ -130,11 +166,11 @@ def main() -> None:
     if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
         app()
         return
-    jobs = preflight(argv)
+    jobs = _agreed_preflight(argv)
     try:
         app()
     finally:
-        if len(jobs) > 1:
+        if len(jobs) > 1 and World.current().is_main:
             from .summary import sweep_table
 
             print(sweep_table([j for j, _ in jobs], [d for _, d in jobs]), flush=True)

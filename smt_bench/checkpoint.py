@@ -31,8 +31,9 @@ class Checkpoint:
     optimizer: dict          # torch optimizer state_dict
     scheduler: dict
     stream: dict             # BatchStream.state_dict()
-    rng: dict                # rng_state()
+    rng: dict                # rng_state() (of rank 0)
     progress: dict = field(default_factory=dict)  # the trainer's curves and counters so far
+    rank_rng: list = field(default_factory=list)  # rng_state() of ranks 1.. (each draws its own dropout masks)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -50,7 +51,24 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _json_rng(state: dict) -> dict:
+    np_state = state["numpy"]
+    return {"python": state["python"], "numpy": [np_state[0], np_state[1].tolist(), *[x for x in np_state[2:]]]}
+
+
+def _rng_from_json(state: dict, tensors: dict[str, torch.Tensor], suffix: str = "") -> dict:
+    py, npy = state["python"], state["numpy"]
+    rng = {"python": (py[0], tuple(py[1]), py[2]),
+           "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]),
+           "torch": tensors["torch" + suffix]}
+    if "cuda" + suffix in tensors:
+        rng["cuda"] = tensors["cuda" + suffix]
+    return rng
+
+
 def _flat_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state keyed "<param>.<name>": <param> is an index (torch's state_dict) or a parameter's
+    name (torch.distributed.checkpoint's whole-model state dict, under FSDP2)."""
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -64,8 +82,8 @@ def _flat_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def _unflat_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, v in [*tensors.items(), *meta["scalars"].items()]:
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
+        idx, k = key.rsplit(".", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[k] = v
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -112,16 +130,16 @@ class CheckpointDir:
         opt_tensors, opt_meta = _flat_optimizer(ckpt.optimizer)
         _save(ckpt.tuned, tmp / "tuned.safetensors")
         _save(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"torch": ckpt.rng["torch"], "stream.generator": ckpt.stream["generator"]}
-        if "cuda" in ckpt.rng:
-            rng["cuda"] = ckpt.rng["cuda"]
+        rng = {"stream.generator": ckpt.stream["generator"]}
+        for suffix, r in [("", ckpt.rng), *[(f".rank{i + 1}", r) for i, r in enumerate(ckpt.rank_rng)]]:
+            rng["torch" + suffix] = r["torch"]
+            if "cuda" in r:
+                rng["cuda" + suffix] = r["cuda"]
         _save(rng, tmp / "rng.safetensors")
-        np_state = ckpt.rng["numpy"]
         state = {
             "format": FORMAT, "step": ckpt.step, "tuned_meta": ckpt.tuned_meta, "optimizer": opt_meta,
             "scheduler": ckpt.scheduler, "stream": {k: v for k, v in ckpt.stream.items() if k != "generator"},
-            "rng": {"python": ckpt.rng["python"],
-                    "numpy": [np_state[0], np_state[1].tolist(), *[x for x in np_state[2:]]]},
+            "rng": _json_rng(ckpt.rng), "rank_rng": [_json_rng(r) for r in ckpt.rank_rng],
             "progress": ckpt.progress,
         }
         with open(tmp / "state.json", "w") as f:
@@ -151,18 +169,12 @@ class CheckpointDir:
         if state.get("format") != FORMAT:
             raise ValueError(f"{p}: not a {FORMAT} checkpoint")
         rng_t = load_file(str(p / "rng.safetensors"))
-        py = state["rng"]["python"]
-        npy = state["rng"]["numpy"]
-        rng = {"python": (py[0], tuple(py[1]), py[2]),
-               "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]),
-               "torch": rng_t["torch"]}
-        if "cuda" in rng_t:
-            rng["cuda"] = rng_t["cuda"]
+        rank_rng = [_rng_from_json(r, rng_t, f".rank{i + 1}") for i, r in enumerate(state.get("rank_rng", []))]
         return Checkpoint(step=state["step"], tuned=load_file(str(p / "tuned.safetensors")),
                           tuned_meta=state["tuned_meta"],
                           optimizer=_unflat_optimizer(load_file(str(p / "optimizer.safetensors")), state["optimizer"]),
                           scheduler=state["scheduler"], stream={**state["stream"], "generator": rng_t["stream.generator"]},
-                          rng=rng, progress=state["progress"])
+                          rng=_rng_from_json(state["rng"], rng_t), progress=state["progress"], rank_rng=rank_rng)
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

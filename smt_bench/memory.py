@@ -72,8 +72,15 @@ class PeakMemory:
         return max(0, _status_kb("VmHWM") * 1024 - self.base)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (FSDP2) tensor: memory is per rank."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -101,7 +108,7 @@ def saved_activation_bytes(out: dict):
 
 
 def breakdown(model: nn.Module, trainable, opt, activations: dict) -> dict:
-    params = list({id(p): p for p in model.parameters()}.values())
+    params = list({id(p): _local(p) for p in model.parameters()}.values())
     weight_ptrs = {p.untyped_storage().data_ptr() for p in params}
     act = activations.get("bytes", 0)
     act_weights = sum(1 for k in activations.get("_storages", ()) if k in weight_ptrs)

@@ -6,6 +6,11 @@ SIGUSR1. A handler here only records the signal, so a step is never cut in half.
 checkpoint, a handler that was installed before ours (submitit's) is called: if it returns, training
 goes on; if it exits (submitit requeued the job), so do we. Without one, the run stops as
 `preempted` with the exit status the signal would have given (128 + its number).
+
+With several ranks a signal may reach some ranks a step before others (torchrun forwards it to each
+worker; SLURM signals each task): at every step boundary the ranks agree on a signal any of them
+got (the highest-numbered if they differ), so all checkpoint together (a collective under FSDP2) and
+stop at the same step.
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ class Preempted(Exception):
 
 
 class PreemptionWatch:
-    def __init__(self, signals=SIGNALS):
-        self.signals, self.pending, self._previous = signals, [], {}
+    def __init__(self, signals=SIGNALS, world=None):
+        self.signals, self.pending, self._previous, self.world = signals, [], {}, world
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -42,9 +47,11 @@ class PreemptionWatch:
 
     def handle(self, step: int, checkpoint) -> None:
         """At a step boundary: if a signal came, checkpoint, then pass it on (see the module docstring)."""
-        if not self.pending:
+        signum = self.pending[0] if self.pending else 0
+        if self.world is not None and self.world.distributed:
+            signum = int(self.world.reduce_floats([signum], "max")[0])
+        if not signum:
             return
-        signum = self.pending.pop(0)
         self.pending.clear()
         checkpoint()
         prev = self._previous.get(signum)

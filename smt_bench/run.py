@@ -23,10 +23,13 @@ from .checkpoint import CheckpointDir
 from .data.batches import BatchStream, collate, encode
 from .data.bundled import BundledSuite
 from .distributed import World
+from .distributed import init as init_world
 from .errors import UserError
+from .loggers import NullLogger
 from .memory import PeakMemory
 from .methods.base import Context
 from .models import meta_shapes
+from .parallel import strategy_for
 from .preemption import Preempted
 from .results import SCHEMA_VERSION, checkpoint_dir, finished, probe_writable, run_file, write_json_atomic
 from .schema.validate import validate
@@ -45,13 +48,19 @@ def _build(node, what: str):
                         f"group's keys") from None
 
 
-def _device(name: str) -> torch.device:
-    """The schema checked the name; this checks that the machine has it."""
+def _device(name: str, world: World) -> torch.device:
+    """The schema checked the name; this checks that the machine has it. Under several ranks each uses
+    the GPU of its LOCAL_RANK (torchrun and SLURM give one GPU per rank)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name}: CUDA is not available here; use device=cpu or device=auto")
+    if dev.type == "cuda" and world.distributed:
+        if dev.index is not None:
+            raise UserError(f"device={name} with {world.world_size} ranks: each rank uses cuda:LOCAL_RANK; "
+                            f"use device=cuda or device=auto")
+        return torch.device("cuda", world.local_rank)
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                         f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
@@ -67,9 +76,12 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 class Prepared:
-    """Everything validated and decided before any weights load."""
+    """Everything validated and decided before any weights load.
 
-    def __init__(self, cfg: DictConfig):
+    `world_size` is the number of ranks the run will have (default: this process's world); it is part
+    of the run's identity: the same config on 1 and on 4 ranks trains with different global batches."""
+
+    def __init__(self, cfg: DictConfig, world_size: int | None = None):
         try:
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as e:
@@ -83,11 +95,15 @@ class Prepared:
             with open_dict(cfg):
                 cfg.budget.fraction = self.method.fixed_fraction
         frac = cfg.budget.fraction
+        self.world = World.current()
+        self.world_size = world_size or self.world.world_size
         self.container = OmegaConf.to_container(cfg, resolve=True)
+        if self.world_size > 1:  # one process keeps the run ids it always had
+            self.container["distributed"] = {"world_size": self.world_size}
         self.run_id = provenance.config_hash(self.container)
         self.source = _build(cfg.model.source, "model")
         self.data = _build(cfg.data, "data")
-        self.device = _device(cfg.device)
+        self.device = _device(cfg.device, self.world)
         self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id)
         self.shapes = meta_shapes(self.source.hf_config())
         self.target = round(frac * self.shapes.total_params)
@@ -104,15 +120,18 @@ class Prepared:
             self.eval_plan = plan_suite(cfg.eval, self.splits.test, isinstance(self.data, BundledSuite),
                                         cfg.data.name)
         # the result, its samples and exports go beside each other: an unwritable place fails now, not
-        # after training and evaluation
-        probe_writable(self.path.parent, "results.dir", cfg.results.dir)
+        # after training and evaluation (rank 0 writes them all)
+        if self.world.is_main:
+            probe_writable(self.path.parent, "results.dir", cfg.results.dir)
 
 
 def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int, dev: torch.device,
-                   world: World | None = None) -> Context:
+                   world: World | None = None, accumulation: int = 1) -> Context:
     """What a method's own pre-training phase (SMT's warm-up) uses: a stream of its own, seeded apart from
-    the training stream, so the training batches do not depend on the method."""
-    warm_stream = BatchStream(train_ex, batch_size, pad_id, seed=seed + 10_000)
+    the training stream, so the training batches do not depend on the method; each rank gets its share."""
+    world = world or World.current()
+    warm_stream = BatchStream(train_ex, batch_size, pad_id, seed=seed + 10_000, rank=world.rank,
+                              world_size=world.world_size)
 
     def batches(n):
         for _ in range(n):
@@ -122,7 +141,7 @@ def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int
         with autocast_for(dev):
             return forward_loss(m, batch)
 
-    return Context(batches=batches, loss=loss, device=dev, world=world or World.current())
+    return Context(batches=batches, loss=loss, device=dev, world=world, accumulation=accumulation)
 
 
 def _command() -> str:
@@ -139,7 +158,13 @@ def _now() -> str:
 
 
 class RunFailed(Exception):
-    """The run ended as diverged, oom or failed; its result file says how (a sweep goes on)."""
+    """The run ended as diverged, oom or failed; its result file says how (a sweep goes on). `agreed`: every
+    rank ended the same way (a divergence reads the loss reduced over ranks), so the ranks can go on to
+    the next job together; otherwise a multi-rank process must exit (torchrun then stops the others)."""
+
+    def __init__(self, msg: str, agreed: bool = False):
+        super().__init__(msg)
+        self.agreed = agreed
 
 
 def execute(cfg: DictConfig) -> dict | None:
@@ -148,15 +173,18 @@ def execute(cfg: DictConfig) -> dict | None:
     Ends: finished; preempted (Preempted, after a checkpoint); diverged / oom / failed (RunFailed, recorded);
     cancelled (KeyboardInterrupt). A run killed outright leaves its file `running` and its last checkpoint.
     """
+    init_world()  # torchrun's or SLURM's ranks (a no-op in one process); submitit jobs start here
     prep = Prepared(cfg)
-    if cfg.results.skip_finished and finished(prep.path):
-        print(f"[smt-bench] {prep.path} already finished; skipping (results.skip_finished=false to rerun)")
+    world = prep.world
+    if world.broadcast(cfg.results.skip_finished and finished(prep.path)):  # rank 0 decides for all
+        if world.is_main:
+            print(f"[smt-bench] {prep.path} already finished; skipping (results.skip_finished=false to rerun)")
         return None
     ckpts = CheckpointDir(checkpoint_dir(prep.path))
-    if not cfg.results.resume:
+    if not cfg.results.resume and world.is_main:
         ckpts.remove()
-    world = World.current()
-    logger = _build(cfg.logger, "logger")
+    world.barrier()
+    logger = _build(cfg.logger, "logger") if world.is_main else NullLogger()  # side effects: rank 0 only
     result = {
         "schema_version": SCHEMA_VERSION,
         "run_info": {"id": prep.run_id, "created_at": _now(), "command": _command(),
@@ -195,7 +223,7 @@ def execute(cfg: DictConfig) -> dict | None:
         raise
     except Diverged as e:
         info.update(status="diverged", error=str(e), diverged_at_step=e.step)
-        raise RunFailed(str(e)) from None
+        raise RunFailed(str(e), agreed=True) from None
     except Exception as e:
         oom = isinstance(e, torch.OutOfMemoryError)
         info.update(status="oom" if oom else "failed", error=f"{type(e).__name__}: {e}",
@@ -213,6 +241,7 @@ def execute(cfg: DictConfig) -> dict | None:
         logger.finish(result.get("summary", {}))
     if world.is_main:
         ckpts.remove()  # the result (and export) hold what a finished run keeps
+    world.barrier()  # the other ranks wait here while rank 0 evaluates and writes: the next job starts together
     return result
 
 
@@ -236,7 +265,8 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
     model.to(dev)
     load_s = time.perf_counter() - t0
     nll_before = None
-    if prep.eval_plan is not None and cfg.eval.forgetting.enabled:  # the base model, before any tuning
+    evaluates = prep.eval_plan is not None and world.is_main  # evaluation runs on rank 0 alone
+    if evaluates and cfg.eval.forgetting.enabled:  # the base model, before any tuning
         from .evaluation.forgetting import measure
 
         nll_before = measure(model, tok, cfg.eval.forgetting.max_tokens)
@@ -246,10 +276,15 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
     val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
     val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
                    for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
-    stream = BatchStream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed)
-    context = method_context(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, dev, world)
+    stream = BatchStream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed, rank=world.rank,
+                         world_size=world.world_size)
+    context = method_context(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, dev, world, tc.grad_accum)
 
-    saved = ckpts.load()
+    saved = ckpts.load()  # every rank reads it: results.dir must be a filesystem all ranks see
+    step = world.broadcast(None if saved is None else saved.step)
+    if (None if saved is None else saved.step) != step:
+        raise RuntimeError(f"rank {world.rank} sees checkpoint step {saved and saved.step} of {ckpts.path}, "
+                           f"rank 0 sees {step}: results.dir must be on a filesystem every rank shares")
     t0 = time.perf_counter()
     mem.start()  # a method's own pre-training phase (SMT's warm-up) has its peak recorded apart
     if saved is None:
@@ -257,20 +292,27 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
     else:
         print(f"[smt-bench] resuming {prep.path.name} from its checkpoint at step {saved.step}", flush=True)
         tuned = prep.method.resume(model, prep.plan, context, saved.tuned, saved.tuned_meta)
-    prepare_peak = mem.stop()
+    prepare_peak = int(world.reduce_floats([mem.stop()], "max")[0])  # the fullest rank's
     prepare_s = time.perf_counter() - t0
     n_trainable = sum(p.numel() for p in tuned.trainable_parameters())
     if n_trainable != prep.plan.achieved_params:
         raise RuntimeError(f"{prep.method.name} planned {prep.plan.achieved_params} trainable params "
                            f"but the model has {n_trainable}")
 
-    def save(ckpt) -> None:
-        if world.is_main:
-            ckpts.save(ckpt)
-            heartbeat(ckpt.step)
+    def save(ckpt) -> None:  # called on rank 0
+        ckpts.save(ckpt)
+        heartbeat(ckpt.step)
 
     heartbeat()
-    train_info = train(tuned, stream, val_batches, tc, dev, logger, mem, save=save, resume=saved)
+    if world.rank:  # the same init on every rank (above); from here each rank draws its own dropout masks
+        torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
+    parallel = strategy_for(prep.method, world, dev)
+    train_info = train(tuned, stream, val_batches, tc, dev, logger, mem, save=save, resume=saved,
+                       parallel=parallel)
+    # the model rank 0 reports, exports and evaluates: whole (FSDP2 gathers it), plain (no DDP wrapper)
+    tuned = parallel.gather(tuned, lambda: prep.source.load(torch.float32)[0].to(dev))
+    if tuned is None:
+        return {}
     N = prep.shapes.total_params
     train_info.update({
         "trainable_params_target": prep.target,
@@ -282,9 +324,11 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
         "load_time_s": load_s,
         "prepare_time_s": prepare_s,
         "prepare_peak_memory_bytes": prepare_peak,
+        "distributed": world.describe(parallel.name, tc.batch_size, tc.grad_accum),
+        "global_batch": tc.batch_size * tc.grad_accum * world.world_size,
     })
     method_report = dict(tuned.report())
-    if cfg.results.export and world.is_main:  # beside the result file, named like it
+    if cfg.results.export:  # beside the result file, named like it
         out_dir = prep.path.with_suffix("")
         out_dir.mkdir(parents=True, exist_ok=True)
         method_report["exported"] = tuned.export(str(out_dir), cfg.model.name)

@@ -12,7 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, rng_state, set_rng_state
+from .distributed import World
 from .memory import PeakMemory, breakdown, saved_activation_bytes
+from .parallel import Single
 from .preemption import PreemptionWatch
 
 
@@ -71,16 +73,32 @@ class Diverged(Exception):
         self.step, self.loss = step, loss
 
 
+def _scalar(t) -> float:
+    from torch.distributed.tensor import DTensor
+
+    return float(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
 def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, mem: PeakMemory | None = None,
-          save: Callable[[Checkpoint], None] | None = None, resume: Checkpoint | None = None) -> dict:
+          save: Callable[[Checkpoint], None] | None = None, resume: Checkpoint | None = None,
+          parallel: Single | None = None) -> dict:
     """Runs optimizer steps up to cfg.max_steps; returns losses, timings and memory for the result file.
 
     `mem` carries the memory baseline (taken after the model loaded); without one, it is taken here.
-    `save` receives a Checkpoint every cfg.checkpoint_every steps and when a preemption signal arrives;
-    `resume` (a loaded Checkpoint; the Tuned already holds its tensors) continues after its step.
+    `save` receives a Checkpoint every cfg.checkpoint_every steps and when a preemption signal arrives
+    (on rank 0; every rank takes part in gathering it); `resume` (a loaded Checkpoint; the Tuned already
+    holds its tensors) continues after its step. `parallel` spreads the model over the ranks
+    (smt_bench/parallel.py); `stream` is this rank's share of the batches. Losses, token counts and the
+    peak memory are reduced over ranks: every rank reads the same loss, so all stop together.
     """
     from transformers import get_scheduler
 
+    parallel = parallel or Single(World(), device)
+    world = parallel.world
+    model = tuned.model
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, True)
+    module = parallel.wrap(tuned)  # FSDP2 shards the parameters in place: the optimizer is built after
     params = tuned.trainable_parameters()
     opt = tuned.build_optimizer(betas=tuple(cfg.betas), eps=cfg.eps)
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
@@ -89,15 +107,12 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
                 "checkpoint_s": 0.0, "checkpoints": 0}
     start = 1
     if resume is not None:
-        opt.load_state_dict(resume.optimizer)
+        parallel.load_optimizer(tuned, opt, resume.optimizer)
         sched.load_state_dict(resume.scheduler)
         stream.load_state_dict(resume.stream)
-        set_rng_state(resume.rng, device)
+        set_rng_state(resume.rng if world.rank == 0 else resume.rank_rng[world.rank - 1], device)
         progress.update(resume.progress)
         start = resume.step + 1
-    model = tuned.model
-    if cfg.gradient_checkpointing:
-        _checkpointing(model, True)
     model.train()
 
     losses, val_curve, step_times = progress["losses"], progress["val_curve"], progress["step_times"]
@@ -112,10 +127,14 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
             return
         t0 = time.perf_counter()
         progress["peak_memory_bytes"] = max(progress["peak_memory_bytes"], mem.stop())
-        tensors, meta = tuned.state_dict()
-        save(Checkpoint(step=step, tuned=tensors, tuned_meta=meta, optimizer=opt.state_dict(),
-                        scheduler=sched.state_dict(), stream=stream.state_dict(), rng=rng_state(device),
-                        progress={**progress, "train_s": progress["train_s"] + elapsed()}))
+        tensors, meta, optim = parallel.checkpoint_state(tuned, opt)
+        rngs = world.gather(rng_state(device))  # every rank's: each draws its own dropout masks
+        if world.is_main:
+            save(Checkpoint(step=step, tuned=tensors, tuned_meta=meta, optimizer=optim,
+                            scheduler=sched.state_dict(), stream=stream.state_dict(), rng=rngs[0],
+                            rank_rng=rngs[1:], progress={**progress, "train_s": progress["train_s"] + elapsed()}))
+        del tensors, optim
+        world.barrier()  # no rank moves on (or exits on a preemption) while rank 0 is still writing
         mem.start()
         progress["checkpoints"] += 1
         progress["checkpoint_s"] += time.perf_counter() - t0
@@ -124,8 +143,8 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
         return time.perf_counter() - t_train - (progress["checkpoint_s"] - checkpoint_s0)
 
     bar = tqdm(range(start, cfg.max_steps + 1), desc=f"train {tuned.method.name}", dynamic_ncols=True,
-               mininterval=1.0, initial=start - 1, total=cfg.max_steps)
-    with PreemptionWatch() as watch:
+               mininterval=1.0, initial=start - 1, total=cfg.max_steps, disable=not world.is_main)
+    with PreemptionWatch(world=world) as watch:
         for step in bar:
             _sync(device)
             t0 = time.perf_counter()
@@ -134,11 +153,15 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
                 first = step == start and micro == 0  # activations are measured once per process
                 measure = saved_activation_bytes(activations) if first else nullcontext()
-                with measure, autocast_for(device):
-                    loss = forward_loss(model, batch) / cfg.grad_accum
-                loss.backward()
+                with parallel.accumulating(module, last=micro == cfg.grad_accum - 1):
+                    with measure, autocast_for(device):
+                        loss = forward_loss(module, batch) / cfg.grad_accum
+                    loss.backward()
                 step_loss += float(loss.detach())
                 step_tokens += int(batch["attention_mask"].sum())
+            if world.distributed:  # the mean over ranks of their micro-batch means: what the gradient averages
+                total_loss, total_tokens = world.reduce_floats([step_loss, step_tokens])
+                step_loss, step_tokens = total_loss / world.world_size, int(total_tokens)
             if not math.isfinite(step_loss):
                 raise Diverged(step, step_loss)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
@@ -154,9 +177,10 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
             if step % cfg.log_every == 0:
                 logger.log({"train/loss": step_loss, "train/lr": sched.get_last_lr()[0],
                             "train/tokens_per_s": step_tokens / dt,
-                            **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {})}, step)
+                            **({"train/grad_norm": _scalar(grad_norm)} if grad_norm is not None else {})}, step)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps:
-                v = validation_loss(model, val_batches, device)
+                v = validation_loss(module, val_batches, device)  # every rank: FSDP2's forward is collective
+                parallel.after_forward_only(module)
                 if v is not None:
                     val_curve.append([step, v])
                     logger.log({"val/loss": v}, step)
@@ -164,7 +188,7 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
                 checkpoint(step)
             watch.handle(step, lambda: checkpoint(step))
     train_s = progress["train_s"] + elapsed()
-    peak = max(progress["peak_memory_bytes"], mem.stop())
+    peak = int(world.reduce_floats([max(progress["peak_memory_bytes"], mem.stop())], "max")[0])  # the fullest rank
     if cfg.gradient_checkpointing:
         _checkpointing(model, False)
     return {

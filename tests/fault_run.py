@@ -1,5 +1,8 @@
-"""`python tests/fault_run.py [--fault KIND:STEP[:SEED]]... -- <smt_bench overrides>`: the real CLI, with
-faults injected at exact training steps, so tests can kill, signal or break a run where they choose.
+"""`python tests/fault_run.py [--fault KIND:STEP[:SEED]]... [--dump-block-maps DIR] -- <smt_bench overrides>`:
+the real CLI, with faults injected at exact training steps, so tests can kill, signal or break a run where
+they choose. Runs under torchrun as well (`torchrun ... tests/fault_run.py ...`): a fault fires on every rank.
+`--dump-block-maps DIR` writes each rank's SMT block map to DIR/rank<R>.json (rank 0's is the result's;
+the others' are otherwise never written).
 
 KIND: kill (SIGKILL to this process: nothing runs after it), term (SIGTERM: the run checkpoints and
 stops), raise (a RuntimeError in training), oom (torch.OutOfMemoryError), nan (the loss turns NaN: a divergence). A fault fires at
@@ -56,6 +59,22 @@ def install(faults: list[tuple[str, int, int | None]]) -> None:
     loggers.NullLogger.start, loggers.NullLogger.log, trainer.forward_loss = started, logged, loss
 
 
+def dump_block_maps(directory: str) -> None:
+    import json
+
+    from smt_bench.methods.smt.tuned import SMTTuned
+
+    make = SMTTuned._make_report
+
+    def report(self):
+        out = make(self)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(out["block_map"]))
+        return out
+
+    SMTTuned._make_report = report
+
+
 def main(argv: list[str]) -> None:
     split = argv.index("--")
     faults = []
@@ -63,6 +82,8 @@ def main(argv: list[str]) -> None:
         if a == "--fault":
             kind, step, *seed = argv[i + 1].split(":")
             faults.append((kind, int(step), int(seed[0]) if seed else None))
+        if a == "--dump-block-maps":
+            dump_block_maps(argv[i + 1])
     install(faults)
     from smt_bench.__main__ import main as smt_main
 

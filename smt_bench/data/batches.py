@@ -44,13 +44,19 @@ def collate(examples, pad_id: int) -> dict:
 class BatchStream:
     """Endless shuffled batches, reshuffled every epoch from one seeded generator. Its position (the
     generator's state at the start of this epoch, the epoch and the batch within it) is a checkpoint's:
-    a resumed run draws exactly the batches the uninterrupted one would have."""
+    a resumed run draws exactly the batches the uninterrupted one would have.
 
-    def __init__(self, examples, batch_size: int, pad_id: int, seed: int):
+    With several ranks, every rank walks the same sequence and keeps every `world_size`-th batch,
+    starting at its rank: the ranks' batches of one step together are the batches one process with
+    `grad_accum × world_size` micro-batches would draw for that step.
+    """
+
+    def __init__(self, examples, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
         if len(examples) < batch_size:  # would loop forever without yielding
             raise UserError(f"only {len(examples)} training examples (after truncation to train.max_len) for "
                             f"train.batch_size={batch_size}; use more data, a larger max_len or a smaller batch")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.pos = -1, 0
         self._new_epoch()
@@ -60,15 +66,23 @@ class BatchStream:
         self.order = torch.randperm(len(self.examples), generator=self.generator).tolist()
         self.epoch, self.pos = self.epoch + 1, 0
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
+    def _draw(self) -> list[int]:
         if self.pos + self.batch_size > len(self.order):
             self._new_epoch()
         idx = self.order[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        return collate([self.examples[j] for j in idx], self.pad_id)
+        return idx
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        mine = None
+        for r in range(self.world_size):
+            idx = self._draw()
+            if r == self.rank:
+                mine = idx
+        return collate([self.examples[j] for j in mine], self.pad_id)
 
     def state_dict(self) -> dict:
         return {"generator": self._epoch_start.clone(), "epoch": self.epoch, "pos": self.pos}

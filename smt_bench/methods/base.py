@@ -35,13 +35,15 @@ class Plan:
 @dataclass
 class Context:
     """What a method may use while it prepares: its own batch stream (seeded apart from the training
-    stream, so training batches do not depend on the method), the loss, the device and the process
-    group (anything that decides, like SMT's block selection, is reduced across ranks first)."""
+    stream, so training batches do not depend on the method, and this rank's share of it), the loss,
+    the device and the process group (anything that decides, like SMT's block selection, is reduced
+    across ranks first). One step of it is `accumulation` batches on every rank: the global batch."""
 
     batches: Callable[[int], Iterator[dict]]
     loss: Callable[[nn.Module, dict], torch.Tensor]
     device: torch.device
     world: World = field(default_factory=World)
+    accumulation: int = 1  # micro-batches per rank in one optimizer step (train.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Method:
     lr: float = param(REQUIRED, above(0))
     weight_decay: float = param(0.0, at_least(0))
     fixed_fraction: ClassVar[float | None] = None  # a method whose budget is not a choice (full FT: 1.0)
+    parallel: ClassVar[str] = "ddp"  # how a run spreads over ranks: ddp | fsdp2 (smt_bench/parallel.py)
 
     def __post_init__(self):
         check_fields(self, "method")

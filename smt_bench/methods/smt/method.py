@@ -1,6 +1,7 @@
 """Sparse Matrix Tuning (He et al., 2024): warm-up block scores, global top-k, block-sparse training."""
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -95,6 +96,7 @@ class SMT(Method):
         linears = self._linears(model)
         scores, info = run_warmup(model, linears, self, plan.detail["block_size"], context)
         chosen = select(scores, plan.detail["blocks"], self.selection, self.attn_share)
+        _same_on_every_rank(chosen, context.world)
         return self._build(model, linears, plan.detail["block_size"], chosen, info, context)
 
     def resume(self, model: nn.Module, plan: Plan, context: Context, state: dict, meta: dict) -> SMTTuned:
@@ -140,6 +142,20 @@ class SMT(Method):
                 setattr(model.get_submodule(parent), n.rsplit(".", 1)[1], layer)
                 layers[n] = layer
         return SMTTuned(self, model, layers, B, backend, warmup_info, dict(eligible))
+
+
+def _same_on_every_rank(chosen: dict[str, torch.Tensor], world) -> None:
+    """The scores were all-reduced, so every rank's top-k is the same; a rank that disagreed (other data,
+    other code) would train other blocks than the rest and its DDP gradients would mean nothing. Checked."""
+    if not world.distributed:
+        return
+    digest = 0
+    for n in sorted(chosen):
+        digest = zlib.crc32(n.encode() + chosen[n].to(torch.int64).cpu().numpy().tobytes(), digest)
+    hi, neg_lo = world.reduce_floats([digest, -digest], "max")
+    if hi != -neg_lo:
+        raise RuntimeError(f"rank {world.rank}: SMT selected other blocks than another rank (all-reduced scores "
+                           f"should make them equal); check that every rank runs the same code and data")
 
 
 def _shapes(model: nn.Module) -> ModelShapes:

@@ -3,6 +3,12 @@
 score_only (default) reduces gradients to scores inside backward and never changes a weight;
 update (the reference's) also takes AdamW steps on the whole model at `warmup_lr`, so the weights the
 sparse phase starts from are the warmed-up ones.
+
+In score_only mode a warm-up step is one global batch, as a training step is: `context.accumulation`
+batches on every rank; each rank collects its own share and the sums are all-reduced before the
+statistic. In update mode (as in the reference) every batch is an AdamW step: one batch per rank,
+whose whole-model gradients are averaged over the ranks first, so every rank's weights stay the same
+(the scorer's hooks read each backward's gradient, which accumulation would make cumulative).
 """
 from __future__ import annotations
 
@@ -31,10 +37,15 @@ def run_warmup(model: nn.Module, linears: dict[str, nn.Linear], cfg, block_size:
     was = model.training
     model.train()
     t0 = time.perf_counter()
+    world = context.world
     try:
-        for batch in context.batches(cfg.warmup_steps):
+        for batch in context.batches(cfg.warmup_steps * (context.accumulation if score_only else 1)):
             context.loss(model, batch).backward()
             if opt is not None:
+                if world.distributed:
+                    for p in opt.param_groups[0]["params"]:
+                        if p.grad is not None:
+                            world.all_reduce(p.grad).div_(world.world_size)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         scores = scorer.finish(context.world.all_reduce)  # the block statistic of the sums; accumulators freed

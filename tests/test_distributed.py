@@ -1,0 +1,134 @@
+"""torchrun with 2 CPU processes (gloo): DDP for LoRA and SMT, FSDP2 for full FT.
+
+The contract: 2 ranks × batch 4 train the run that 1 process trains with batch 4 × grad_accum 2 (the
+same 8 sequences per step, each micro-batch's loss a mean over its own tokens). With DDP the curves are
+bitwise equal: DDP averages the two ranks' gradients as (g0 + g1) / 2 and one process accumulates
+g0 / 2 + g1 / 2, and halving is exact in floating point. FSDP2 reduce-scatters flat shards and computes
+the clipping norm from per-shard sums, in another order: equal within 1e-5 (measured: 5e-7 on losses of
+≈ 10.9). LoRA's dropout draws its masks per rank, so that comparison runs at dropout 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_resume import _same_run, _weights
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["model=tiny-llama", "device=cpu", "eval.enabled=false", "train.max_steps=8", "train.batch_size=4",
+        "train.max_len=96", "train.eval_every=4", "budget.fraction=0.001", "results.export=true"]
+FSDP_TOLERANCE = 1e-5
+
+
+def _launch(cwd: Path, args: list[str], ranks: int = 1, driver: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m smt_bench` in one process, or the same under `torchrun --nproc_per_node ranks`; with a
+    driver, through tests/fault_run.py (faults, block-map dumps)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1")
+    flags, args = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]  # Hydra's flags first
+    prog = [str(REPO / "tests" / "fault_run.py"), *driver, "--"] if driver is not None else ["-m", "smt_bench"]
+    prog += flags
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *prog, *args]
+    else:
+        cmd = [sys.executable, *prog, *args]
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _results(results: Path) -> dict[str, tuple[Path, dict]]:
+    out = {}
+    for p in sorted(results.glob("runs/*/*.json")):
+        res = json.loads(p.read_text())
+        assert res["config"]["method"]["name"] not in out, f"two result files for {res['summary']['method']}"
+        out[res["config"]["method"]["name"]] = (p, res)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """The same runs from 1 process (grad_accum 2) and from 2 ranks (grad_accum 1)."""
+    root = tmp_path_factory.mktemp("dist")
+    one, two, maps = root / "one", root / "two", root / "maps"
+    runs = [(["-m", "method=smt,full_ft"], "smt,full_ft"), (["method=lora", "method.dropout=0"], "lora")]
+    for args, what in runs:
+        p = _launch(root / "cwd", [*BASE, *args, "train.grad_accum=2", f"results.dir={one}"])
+        assert p.returncode == 0, f"{what}, 1 process: {p.stderr[-3000:]}"
+        p = _launch(root / "cwd", [*BASE, *args, f"results.dir={two}"], ranks=2,
+                    driver=["--dump-block-maps", str(maps)])
+        assert p.returncode == 0, f"{what}, 2 ranks: {p.stderr[-3000:]}"
+    return _results(one), _results(two), maps
+
+
+@pytest.mark.parametrize("method", ["lora", "smt"])
+def test_ddp_on_2_ranks_is_bitwise_the_run_of_1_process_with_the_same_global_batch(compared, method):
+    one, two, _ = compared
+    (pa, a), (pb, b) = one[method], two[method]
+    assert b["train_info"]["distributed"] == {"world_size": 2, "backend": "gloo", "strategy": "ddp",
+                                              "per_rank_batch": 4, "grad_accum": 1, "global_batch": 8}
+    assert a["train_info"]["global_batch"] == b["train_info"]["global_batch"] == 8
+    assert a["train_info"]["tokens"] == b["train_info"]["tokens"]  # the same sequences
+    _same_run(a, b, _weights(pa), _weights(pb))
+    assert pa.name != pb.name  # the world size is part of the run's identity
+
+
+def test_fsdp2_full_ft_on_2_ranks_matches_1_process_within_tolerance(compared):
+    one, two, _ = compared
+    (pa, a), (pb, b) = one["full_ft"], two["full_ft"]
+    assert b["train_info"]["distributed"]["strategy"] == "fsdp2"
+    la, lb = a["train_info"]["loss_curve"], b["train_info"]["loss_curve"]
+    assert len(la) == len(lb) == 8 and max(abs(x - y) for x, y in zip(la, lb)) <= FSDP_TOLERANCE
+    va, vb = a["train_info"]["val_loss_curve"], b["train_info"]["val_loss_curve"]
+    assert [s for s, _ in va] == [s for s, _ in vb] and max(abs(x - y) for (_, x), (_, y) in zip(va, vb)) <= FSDP_TOLERANCE
+    wa, wb = _weights(pa), _weights(pb)  # rank 0 gathered the whole model for the export
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= FSDP_TOLERANCE
+
+
+def test_both_smt_ranks_select_the_blocks_one_process_selects(compared):
+    one, two, maps = compared
+    rank0, rank1 = (json.loads((maps / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 == two["smt"][1]["method_info"]["block_map"] == one["smt"][1]["method_info"]["block_map"]
+    assert len(rank0) == sum(two["smt"][1]["method_info"]["selected_blocks"].values()) > 0
+
+
+def test_rank_0_alone_writes_one_result_per_run_and_no_checkpoint_is_left(compared):
+    _, two, _ = compared
+    folder = next(iter(two.values()))[0].parent
+    names = sorted(p.name for p in folder.iterdir())
+    assert len([n for n in names if n.endswith(".json")]) == 3
+    assert not [n for n in names if n.startswith(".") or n.endswith(".ckpt")], names
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2_ranks(tmp_path_factory):
+    """LoRA with its dropout (each rank's own masks: their RNG states go into checkpoints) and FSDP2 full FT."""
+    root = tmp_path_factory.mktemp("dist-ref")
+    p = _launch(root / "cwd", [*BASE, "-m", "method=lora,full_ft", "train.checkpoint_every=0",
+                               f"results.dir={root / 'results'}"], ranks=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return _results(root / "results")
+
+
+@pytest.mark.parametrize("method,fault,resumed_at", [("lora", "kill:6", 4), ("full_ft", "term:6", 6)])
+def test_a_killed_2_rank_run_resumes_to_the_uninterrupted_run(uninterrupted_2_ranks, tmp_path, method, fault,
+                                                              resumed_at):
+    args = [*BASE, f"method={method}", "train.checkpoint_every=4", f"results.dir={tmp_path / 'results'}"]
+    p = _launch(tmp_path / "cwd", args, ranks=2, driver=["--fault", fault])
+    assert p.returncode != 0
+    ((path, res),) = _results(tmp_path / "results").values()
+    expected = "running" if fault.startswith("kill") else "preempted"  # kill -9 leaves the heartbeat
+    assert res["run_info"]["status"] == expected and res["run_info"]["checkpoint_step"] == resumed_at
+    p = _launch(tmp_path / "cwd", args, ranks=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming {path.name} from its checkpoint at step {resumed_at}" in p.stdout
+    ((path, resumed),) = _results(tmp_path / "results").values()
+    ref_path, ref = uninterrupted_2_ranks[method]
+    assert resumed["train_info"]["resumed_from_step"] == resumed_at
+    _same_run(ref, resumed, _weights(ref_path), _weights(path))
+    assert not path.with_suffix(".ckpt").exists()
