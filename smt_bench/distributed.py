@@ -25,14 +25,21 @@ _CONTROL = None  # the gloo group for control messages, made once per process
 
 def _from_slurm() -> None:
     """A SLURM job with several tasks (srun, or submitit's tasks_per_node) but no torchrun: submitit
-    derives RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT from SLURM's variables."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    if "SLURM_PROCID" not in os.environ:
+    derives RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT from SLURM's variables. Only inside an srun
+    step of several tasks: a batch script or an salloc shell with --ntasks=N is still one process."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return
     from submitit.helpers import TorchDistributedEnvironment
 
-    TorchDistributedEnvironment().export()
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # a plain srun: submitit's sbatch script would set it
+
+    # GPUs stay as SLURM exposed them: a task sees all of the node's (cuda:LOCAL_RANK) or only its own (cuda:0)
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def cuda_index() -> int:
+    """This rank's GPU: LOCAL_RANK among the GPUs it sees (one per task where SLURM binds them: cuda:0)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
 
 
 def init() -> "World":
@@ -43,9 +50,8 @@ def init() -> "World":
     _from_slurm()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and dist.is_available() and not dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(cuda_index())
             backend = "cpu:gloo,cuda:nccl"  # gradients over NCCL; CPU tensors (accumulators, flags) over gloo
         else:
             backend = "gloo"

@@ -23,7 +23,7 @@ from .checkpoint import CheckpointDir
 from .data.batches import BatchStream, collate, encode
 from .data.bundled import BundledSuite
 from .distributed import World
-from .distributed import init as init_world
+from .distributed import cuda_index, init as init_world
 from .errors import UserError
 from .loggers import NullLogger
 from .memory import PeakMemory
@@ -50,7 +50,7 @@ def _build(node, what: str):
 
 def _device(name: str, world: World) -> torch.device:
     """The schema checked the name; this checks that the machine has it. Under several ranks each uses
-    the GPU of its LOCAL_RANK (torchrun and SLURM give one GPU per rank)."""
+    its own GPU (torchrun and SLURM give one per rank: cuda:LOCAL_RANK)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
@@ -60,7 +60,7 @@ def _device(name: str, world: World) -> torch.device:
         if dev.index is not None:
             raise UserError(f"device={name} with {world.world_size} ranks: each rank uses cuda:LOCAL_RANK; "
                             f"use device=cuda or device=auto")
-        return torch.device("cuda", world.local_rank)
+        return torch.device("cuda", cuda_index())
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                         f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")

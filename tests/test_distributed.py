@@ -16,7 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from smt_bench.analysis.settings import global_batch
+from smt_bench.checkpoint import Checkpoint, CheckpointDir, rng_state, set_rng_state
+from smt_bench.data.batches import BatchStream
 from test_resume import _same_run, _weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +52,58 @@ def _results(results: Path) -> dict[str, tuple[Path, dict]]:
         assert res["config"]["method"]["name"] not in out, f"two result files for {res['summary']['method']}"
         out[res["config"]["method"]["name"]] = (p, res)
     return out
+
+
+def test_the_ranks_batches_of_a_step_are_the_batches_one_process_accumulates():
+    exs = [{"input_ids": [i, i], "labels": [i, i]} for i in range(11)]
+    one = BatchStream(exs, 3, pad_id=0, seed=5)
+    ranks = [BatchStream(exs, 3, pad_id=0, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for step in range(7):  # across epoch boundaries (3 batches per epoch of 11)
+        single = [next(one)["input_ids"][:, 0].tolist() for _ in range(2)]  # grad_accum 2
+        assert [next(r)["input_ids"][:, 0].tolist() for r in ranks] == single, step
+    state = ranks[1].state_dict()
+    again = BatchStream(exs, 3, pad_id=0, seed=0, rank=1, world_size=2)
+    again.load_state_dict(state)
+    assert next(again)["input_ids"].equal(next(ranks[1])["input_ids"])
+
+
+def test_a_checkpoint_keeps_every_ranks_rng_state(tmp_path):
+    states = []
+    for r in range(3):
+        torch.manual_seed(100 + r)
+        states.append(rng_state(torch.device("cpu")))
+    ckpt = Checkpoint(step=3, tuned={"w": torch.ones(2)}, tuned_meta={}, optimizer={"state": {}, "param_groups": []},
+                      scheduler={}, stream={"generator": torch.Generator().get_state(), "epoch": 0, "pos": 0},
+                      rng=states[0], rank_rng=states[1:])
+    CheckpointDir(tmp_path / "c").save(ckpt)
+    loaded = CheckpointDir(tmp_path / "c").load()
+    for r, st in enumerate([loaded.rng, *loaded.rank_rng]):
+        set_rng_state(st, torch.device("cpu"))
+        expected = torch.Generator().manual_seed(100 + r).get_state()
+        assert torch.get_rng_state().equal(expected), r
+
+
+def test_fsdp2_optimizer_state_keyed_by_parameter_name_round_trips(tmp_path):
+    sd = {"state": {"model.layers.0.mlp.up_proj.weight": {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 2)}},
+          "param_groups": [{"lr": 1e-3, "params": ["model.layers.0.mlp.up_proj.weight"]}]}
+    ckpt = Checkpoint(step=1, tuned={}, tuned_meta={}, optimizer=sd, scheduler={},
+                      stream={"generator": torch.Generator().get_state(), "epoch": 0, "pos": 0},
+                      rng=rng_state(torch.device("cpu")))
+    CheckpointDir(tmp_path / "c").save(ckpt)
+    back = CheckpointDir(tmp_path / "c").load().optimizer
+    assert list(back["state"]) == list(sd["state"]) and back["param_groups"] == sd["param_groups"]
+    assert back["state"]["model.layers.0.mlp.up_proj.weight"]["exp_avg"].equal(torch.ones(2, 2))
+
+
+def test_settings_hold_the_global_batch_not_how_it_is_split():
+    def flat(bs, ga, ws=None):
+        f = {"train.batch_size": json.dumps(bs), "train.grad_accum": json.dumps(ga), "model.name": '"m"'}
+        return {**f, **({"distributed.world_size": json.dumps(ws)} if ws else {})}
+
+    assert global_batch(flat(4, 2)) == global_batch(flat(4, 1, 2))  # 1 process × 2 micro-batches = 2 ranks
+    assert global_batch(flat(4, 1, 2))["train.global_batch"] == "8"
+    assert global_batch(flat(4, 1, 4)) != global_batch(flat(4, 1, 2))  # another global batch: another setting
+    assert global_batch(flat(8, 1)) != global_batch(flat(4, 1, 2))  # another micro-batch (the loss's token mean)
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +161,12 @@ def test_rank_0_alone_writes_one_result_per_run_and_no_checkpoint_is_left(compar
     assert not [n for n in names if n.startswith(".") or n.endswith(".ckpt")], names
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_2_ranks(tmp_path_factory):
-    """LoRA with its dropout (each rank's own masks: their RNG states go into checkpoints) and FSDP2 full FT."""
-    root = tmp_path_factory.mktemp("dist-ref")
-    p = _launch(root / "cwd", [*BASE, "-m", "method=lora,full_ft", "train.checkpoint_every=0",
-                               f"results.dir={root / 'results'}"], ranks=2)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return _results(root / "results")
-
-
 @pytest.mark.parametrize("method,fault,resumed_at", [("lora", "kill:6", 4), ("full_ft", "term:6", 6)])
-def test_a_killed_2_rank_run_resumes_to_the_uninterrupted_run(uninterrupted_2_ranks, tmp_path, method, fault,
-                                                              resumed_at):
-    args = [*BASE, f"method={method}", "train.checkpoint_every=4", f"results.dir={tmp_path / 'results'}"]
+def test_a_killed_2_rank_run_resumes_to_the_uninterrupted_run(compared, tmp_path, method, fault, resumed_at):
+    """kill -9 of a DDP run (resumes from step 4), SIGTERM to an FSDP2 run (checkpoints at 6 and stops);
+    the uninterrupted 2-rank runs are the compared ones (no checkpoint: checkpoint_every=50 > 8 steps)."""
+    extra = ["method.dropout=0"] if method == "lora" else []
+    args = [*BASE, f"method={method}", *extra, "train.checkpoint_every=4", f"results.dir={tmp_path / 'results'}"]
     p = _launch(tmp_path / "cwd", args, ranks=2, driver=["--fault", fault])
     assert p.returncode != 0
     ((path, res),) = _results(tmp_path / "results").values()
@@ -128,7 +176,7 @@ def test_a_killed_2_rank_run_resumes_to_the_uninterrupted_run(uninterrupted_2_ra
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"resuming {path.name} from its checkpoint at step {resumed_at}" in p.stdout
     ((path, resumed),) = _results(tmp_path / "results").values()
-    ref_path, ref = uninterrupted_2_ranks[method]
-    assert resumed["train_info"]["resumed_from_step"] == resumed_at
+    ref_path, ref = compared[1][method]
+    assert resumed["train_info"]["resumed_from_step"] == resumed_at and ref_path.name == path.name
     _same_run(ref, resumed, _weights(ref_path), _weights(path))
     assert not path.with_suffix(".ckpt").exists()

@@ -106,3 +106,42 @@ def test_local_launcher_runs_a_sweep_to_finished_results(cli, tmp_path, smollm2_
     assert len(logs) == 2 and len({l.parent for l in logs}) == 2
     assert sorted(next(l for l in p.read_text().splitlines() if l.startswith("[smt-bench] finished: lora"))
                   .rsplit("/", 1)[1] for p in logs) == [f.name for f in files]
+
+
+def test_tasks_per_node_starts_each_run_as_that_many_ranks_through_srun(sbatch, monkeypatch, tmp_path, capsys,
+                                                                         smollm2_path):
+    """tasks_per_node=2: one srun task per rank, and the preflight names the runs for 2 ranks (their ids
+    carry the world size, as the ranks will compute them on the nodes)."""
+    from smt_bench.__main__ import main, planned_world_size, preflight
+
+    sweep = tmp_path / "sweep"
+    monkeypatch.chdir(tmp_path)
+    args = ["-m", *CLUSTER, "hydra.launcher.tasks_per_node=2", *TINY, "method=lora", f"results.dir={tmp_path / 'r'}",
+            f"hydra.sweep.dir={sweep}"]
+    monkeypatch.setattr(sys, "argv", ["smt_bench", *args])
+    main()  # one job, submitted (sbatch is intercepted)
+    (script,) = sbatch
+    assert "#SBATCH --ntasks-per-node=2" in script.splitlines()
+    assert planned_world_size(args) == 2 and planned_world_size(TINY) is None
+    ((two, _),) = preflight(args)
+    ((one, _),) = preflight([a for a in args if "tasks_per_node" not in a])
+    assert two.path.name != one.path.name and two.path.name.startswith("lora-b0.01-s0-")
+
+
+def test_a_slurm_task_joins_the_world_slurm_describes(tmp_path):
+    """Without torchrun, each SLURM task (srun, or submitit's tasks_per_node) exports RANK / WORLD_SIZE /
+    LOCAL_RANK / MASTER_ADDR from SLURM's variables before joining (submitit's TorchDistributedEnvironment)."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                   "MASTER_"))}
+    env.update(SLURM_JOB_ID="77", SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NODEID="1",
+               SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_STEP_NODELIST="gpu[07-08]")
+    code = ("import os; from smt_bench.distributed import _from_slurm; _from_slurm(); "
+            "print(*[os.environ.get(k) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["3", "4", "1", "gpu07"], out.stderr[-2000:]
+    del env["SLURM_STEP_NUM_TASKS"]  # the batch script itself (not an srun step): one process
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["None"] * 4, out.stderr[-2000:]

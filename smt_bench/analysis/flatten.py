@@ -62,6 +62,12 @@ def flatten(obj: dict, file: str) -> dict:
     for key in ("trainable_params", "trainable_params_target", "base_params", "trainable_pct", "trainable_pct_target",
                 "peak_memory_bytes", "tokens_per_s", "median_step_time_s", "train_time_s", "final_train_loss"):
         row[key] = _num(ti.get(key))
+    dist = ti.get("distributed") or {}  # runs before multi-rank support: one process
+    row["world_size"] = int(dist.get("world_size") or (cfg.get("distributed") or {}).get("world_size") or 1)
+    row["parallel"] = str(dist.get("strategy") or ("single" if row["world_size"] == 1 else ""))
+    tc = cfg.get("train") or {}
+    row["global_batch"] = _num(ti.get("global_batch") or (tc.get("batch_size") or math.nan) * (tc.get("grad_accum") or 1)
+                               * row["world_size"])
     row["peak_memory_kind"] = ti.get("peak_memory_kind") if isinstance(ti.get("peak_memory_kind"), str) else ""
     mb = ti.get("memory_breakdown_bytes") or {}
     for part in MEMORY_PARTS:

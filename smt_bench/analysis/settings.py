@@ -20,7 +20,7 @@ def assign_settings(loaded) -> None:
     flat = {f: flatten_config(loaded.configs[f]) for f in df["file"]}
 
     def shared(f):
-        return {k: v for k, v in flat[f].items() if k.split(".", 1)[0] not in NOT_SETTING}
+        return global_batch({k: v for k, v in flat[f].items() if k.split(".", 1)[0] not in NOT_SETTING})
 
     keys = []
     for f, proto, tasks, status in zip(df["file"], df["protocol"], df["tasks"], df["status"]):
@@ -61,6 +61,18 @@ def assign_settings(loaded) -> None:
             extra = ", ".join(f"{k[len('method.'):]}={_label_value(mflat[i].get(k))}" for k in varying)
             series[i] = method + (f" ({extra})" if extra else "")
     df["series"] = series
+
+
+def global_batch(flat: dict[str, str]) -> dict[str, str]:
+    """Per-rank batch × grad_accum × ranks is what one optimizer step averages over: 2 ranks with
+    grad_accum 1 train the run 1 process with grad_accum 2 trains (bitwise, under DDP), so the setting
+    holds the global batch (beside the micro-batch, whose token mean the loss is) instead of the
+    accumulation and the world size."""
+    out = {k: v for k, v in flat.items() if k not in ("train.grad_accum", "distributed.world_size")}
+    if "train.batch_size" in flat:
+        n = json.loads(flat["train.batch_size"]) * json.loads(flat.get("train.grad_accum", "1"))
+        out["train.global_batch"] = json.dumps(n * json.loads(flat.get("distributed.world_size", "1")))
+    return out
 
 
 def _label_value(v, width: int = 32) -> str:
