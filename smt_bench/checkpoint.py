@@ -160,7 +160,9 @@ class CheckpointDir:
                 shutil.rmtree(p, ignore_errors=True)
         return final
 
-    def load(self) -> Checkpoint | None:
+    def load(self, optimizer: bool = True) -> Checkpoint | None:
+        """The latest checkpoint; `optimizer=False` leaves its optimizer state out (empty): under FSDP2 only
+        rank 0 reads it and broadcasts the shards, instead of every rank holding all of it in host memory."""
         steps = self._steps()
         if not steps:
             return None
@@ -172,7 +174,8 @@ class CheckpointDir:
         rank_rng = [_rng_from_json(r, rng_t, f".rank{i + 1}") for i, r in enumerate(state.get("rank_rng", []))]
         return Checkpoint(step=state["step"], tuned=load_file(str(p / "tuned.safetensors")),
                           tuned_meta=state["tuned_meta"],
-                          optimizer=_unflat_optimizer(load_file(str(p / "optimizer.safetensors")), state["optimizer"]),
+                          optimizer=_unflat_optimizer(load_file(str(p / "optimizer.safetensors")), state["optimizer"])
+                          if optimizer else {},
                           scheduler=state["scheduler"], stream={**state["stream"], "generator": rng_t["stream.generator"]},
                           rng=_rng_from_json(state["rng"], rng_t), progress=state["progress"], rank_rng=rank_rng)
 

@@ -26,6 +26,7 @@ STRATEGIES = ("ddp", "fsdp2")
 
 class Single:
     name = "single"
+    optimizer_on_every_rank = True  # every rank loads the checkpoint's optimizer state itself
 
     def __init__(self, world: World, device: torch.device):
         self.world, self.device = world, device
@@ -80,6 +81,7 @@ def _full(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
 
 class FSDP2(Single):
     name = "fsdp2"
+    optimizer_on_every_rank = False  # rank 0 reads it and broadcasts: the others get only their shards
 
     def wrap(self, tuned) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -114,7 +116,8 @@ class FSDP2(Single):
     def load_optimizer(self, tuned, opt, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(tuned.model, opt, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(tuned.model, opt, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def gather(self, tuned, reload: Callable[[], nn.Module]):
         """Rank 0 reloads the base model and takes the trained weights into it: a plain (unsharded) model

@@ -22,8 +22,8 @@ from . import provenance
 from .checkpoint import CheckpointDir
 from .data.batches import BatchStream, collate, encode
 from .data.bundled import BundledSuite
-from .distributed import World
-from .distributed import cuda_index, init as init_world
+from .distributed import World, cuda_index
+from .distributed import init as init_world
 from .errors import UserError
 from .loggers import NullLogger
 from .memory import PeakMemory
@@ -280,7 +280,9 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
                          world_size=world.world_size)
     context = method_context(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, dev, world, tc.grad_accum)
 
-    saved = ckpts.load()  # every rank reads it: results.dir must be a filesystem all ranks see
+    parallel = strategy_for(prep.method, world, dev)
+    # every rank reads it (results.dir must be a filesystem all ranks see); FSDP2's optimizer state: rank 0
+    saved = ckpts.load(optimizer=parallel.optimizer_on_every_rank or world.is_main)
     step = world.broadcast(None if saved is None else saved.step)
     if (None if saved is None else saved.step) != step:
         raise RuntimeError(f"rank {world.rank} sees checkpoint step {saved and saved.step} of {ckpts.path}, "
@@ -290,7 +292,8 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
     if saved is None:
         tuned = prep.method.prepare(model, prep.plan, context)
     else:
-        print(f"[smt-bench] resuming {prep.path.name} from its checkpoint at step {saved.step}", flush=True)
+        if world.is_main:
+            print(f"[smt-bench] resuming {prep.path.name} from its checkpoint at step {saved.step}", flush=True)
         tuned = prep.method.resume(model, prep.plan, context, saved.tuned, saved.tuned_meta)
     prepare_peak = int(world.reduce_floats([mem.stop()], "max")[0])  # the fullest rank's
     prepare_s = time.perf_counter() - t0
@@ -306,7 +309,6 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
     heartbeat()
     if world.rank:  # the same init on every rank (above); from here each rank draws its own dropout masks
         torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
-    parallel = strategy_for(prep.method, world, dev)
     train_info = train(tuned, stream, val_batches, tc, dev, logger, mem, save=save, resume=saved,
                        parallel=parallel)
     # the model rank 0 reports, exports and evaluates: whole (FSDP2 gathers it), plain (no DDP wrapper)
