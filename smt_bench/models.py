@@ -128,20 +128,28 @@ class Pretrained:
 
 
 class TinyLlama:
-    """A random-init LLaMA with grouped-query attention, for tests; borrows SmolLM2's tokenizer."""
+    """A random-init LLaMA from an architecture alone (no download): the tiny one with grouped-query
+    attention for tests, and LLaMA-7B / LLaMA3-8B shapes for benchmarks. Borrows SmolLM2's tokenizer."""
 
     def __init__(self, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152, init_seed=0):
+                 num_key_value_heads=2, vocab_size=49152, init_seed=0, tie_word_embeddings=True,
+                 rope_theta=10000.0, max_position_embeddings=2048):
         self.kw = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-                       num_key_value_heads=num_key_value_heads, vocab_size=vocab_size)
+                       num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
+                       tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings)
+        self.rope_theta = rope_theta
         self.init_seed = init_seed
 
     def hf_config(self):
         from transformers import LlamaConfig
 
-        return LlamaConfig(**self.kw, max_position_embeddings=2048, tie_word_embeddings=True,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        cfg = LlamaConfig(**self.kw, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        if self.rope_theta != 10000.0:  # transformers 5 keeps it in rope_parameters, older ones as rope_theta
+            if isinstance(getattr(cfg, "rope_parameters", None), dict):
+                cfg.rope_parameters["rope_theta"] = self.rope_theta
+            cfg.rope_theta = self.rope_theta
+        return cfg
 
     def load(self, dtype=torch.float32):
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -160,6 +160,10 @@ class TinyLlamaSource:
     num_hidden_layers: int = param(valid=count(1))
     num_attention_heads: int = param(valid=count(1))
     num_key_value_heads: int = param(valid=count(1))
+    vocab_size: int = param(49152, count(1))
+    tie_word_embeddings: bool = True
+    rope_theta: float = param(10000.0, above(0))
+    max_position_embeddings: int = param(2048, count(1))
 
     @staticmethod
     def check_config(node, at: str) -> None:
