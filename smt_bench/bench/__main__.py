@@ -1,0 +1,165 @@
+"""`python -m smt_bench.bench [model=...] [bench.<key>=...]`: memory and speed of every method at one
+model's real shapes, from two depths extrapolated to the full one (README, "Benchmarks").
+
+Each (method, budget, depth) runs in its own process (smt_bench/bench/worker.py), methods interleaved
+over rounds. On CPU every worker runs with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so
+peak RSS follows live tensors instead of blocks malloc keeps; on CUDA the allocator's peak is read.
+Budgets are fractions of the full-depth model: the plan is made there (rank, blocks) and each depth
+trains its share of it, so the per-layer figures add up to the full model's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import EXIT_BAD_INPUT, UserError
+from ..schema.store import CONF, register
+from .report import summarize, write_report
+from .worker import FLOOR, REFERENCE
+
+register()
+METHODS = (FLOOR, "smt", REFERENCE, "lora", "dora", "full_ft")
+MMAP_THRESHOLD = 65536  # bytes; a fixed value also turns off glibc's dynamic threshold
+
+
+def _method_config(name: str, bench) -> dict | None:
+    """The harness's own config of the method (conf/method/<name>.yaml), as a run would use it."""
+    from ..__main__ import compose_config
+
+    if name == FLOOR:
+        return None
+    node = compose_config([f"method={'smt' if name == REFERENCE else name}"]).method
+    container = OmegaConf.to_container(node, resolve=True)
+    if name in ("smt", REFERENCE):
+        container["warmup_steps"] = int(bench.smt_warmup_steps)
+    return container
+
+
+def check(cfg: DictConfig) -> None:
+    b = cfg.bench
+    bad = [m for m in b.methods if m not in METHODS]
+    if bad:
+        raise UserError(f"bench.methods: unknown {bad}; choose from {list(METHODS)}")
+    if len(b.layers) != 2 or not 0 < b.layers[0] < b.layers[1]:
+        raise UserError(f"bench.layers={list(b.layers)}: give two depths, the smaller first, e.g. [1,2]")
+    if b.steps <= b.skip or b.skip < 0:
+        raise UserError(f"bench.steps={b.steps} must be above bench.skip={b.skip} (>= 0)")
+    if any(not 0 < f <= 1 for f in b.budgets):
+        raise UserError(f"bench.budgets={list(b.budgets)}: fractions in (0, 1]")
+    if b.batch_size < 1 or b.seq_len < 2 or b.rounds < 1:
+        raise UserError("bench.batch_size >= 1, bench.seq_len >= 2 and bench.rounds >= 1 are required")
+    if not set(b.analytic_only) <= set(METHODS):
+        raise UserError(f"bench.analytic_only={list(b.analytic_only)}: methods from {list(METHODS)}")
+
+
+def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
+    """Every worker spec, and the full-depth facts (shapes, plans) the report extrapolates to."""
+    from hydra.utils import instantiate
+
+    from ..models import meta_shapes
+
+    b = cfg.bench
+    source = instantiate(cfg.model.source)
+    full = meta_shapes(source.hf_config())
+    depth = source.hf_config().num_hidden_layers
+    if b.layers[1] > depth:
+        raise UserError(f"bench.layers={list(b.layers)}: model {cfg.model.name} has {depth} layers")
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if cfg.device == "auto" else str(cfg.device))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device}: CUDA is not available here; use device=cpu or device=auto")
+    facts = {"model": cfg.model.name, "depth": depth, "total_params": full.total_params, "device": device,
+             "plans": {}}
+    jobs = []
+    model_source = OmegaConf.to_container(cfg.model.source, resolve=True)
+    for name in b.methods:
+        method_cfg = _method_config(name, b)
+        budgets = [None] if name in (FLOOR, "full_ft") else list(b.budgets)
+        for frac in budgets:
+            achieved = full.total_params if name == "full_ft" else 0
+            if method_cfg is not None and name != "full_ft":
+                method = instantiate(OmegaConf.create(method_cfg), _convert_="all")
+                plan = method.plan(full, round(frac * full.total_params))
+                achieved = plan.achieved_params
+                facts["plans"][f"{name}@{frac}"] = {"achieved_params": achieved, **plan.detail}
+            for layers in b.layers:
+                jobs.append({"name": name, "budget": frac, "layers": int(layers), "device": device,
+                             "model_source": model_source, "method": method_cfg,
+                             "target_params": round(achieved * layers / depth) if name != "full_ft" else None,
+                             "batch_size": int(b.batch_size), "seq_len": int(b.seq_len), "steps": int(b.steps),
+                             "skip": int(b.skip), "threads": b.threads, "profile": bool(b.profile),
+                             "analytic_only": name in b.analytic_only})
+    return jobs, facts
+
+
+def _run_worker(spec: dict, isolate: bool = True) -> dict:
+    if not isolate:  # one process for all (smoke runs, tests): its memory figures are not per method
+        from .worker import measure
+
+        return measure(spec)
+    env = dict(os.environ)
+    if spec["device"] == "cpu":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    p = subprocess.run([sys.executable, "-m", "smt_bench.bench.worker", json.dumps(spec)], capture_output=True,
+                       text=True, env=env)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"method": spec["name"], "layers": spec["layers"], "budget": spec["budget"], "failed": True,
+                "error": f"exit {p.returncode}: {tail}"}
+    return json.loads(line[len("RESULT "):])
+
+
+@hydra.main(config_path=str(CONF), config_name="benchmark", version_base="1.3")
+def app(cfg: DictConfig) -> None:
+    from .. import provenance
+
+    try:
+        check(cfg)
+        jobs, facts = plan_jobs(cfg)
+    except UserError as e:
+        print(f"smt-bench bench: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    b = cfg.bench
+    measured = [j for j in jobs if not j["analytic_only"]]
+    runs: list[dict] = []
+    for r in range(int(b.rounds)):
+        k = r % max(len(measured), 1)
+        for spec in measured[k:] + measured[:k]:  # rotate: no method always runs first
+            res = _run_worker(spec, bool(b.isolate))
+            res["round"] = r
+            runs.append(res)
+            what = f"{spec['name']}" + (f" @ {spec['budget']:g}" if spec["budget"] else "")
+            print(f"[bench] round {r} {what}, {spec['layers']} layer(s): " +
+                  (res["error"] if res.get("failed") else
+                   f"step {res['median_step_s']:.3f}s, peak +{res['peak_bytes'] / 2**20:.0f} MiB"), flush=True)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    result = {
+        "bench": "methods_at_shape", "config": container, "config_hash": provenance.config_hash(container),
+        "command": " ".join(["python -m smt_bench.bench", *sys.argv[1:]]),
+        "memory_env": {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD} if facts["device"] == "cpu" and b.isolate else {},
+        "facts": facts, "runs": runs, "meta_info": provenance.meta_info(torch.device(facts["device"])),
+    }
+    result["summary"], result["goals"] = summarize(runs, facts, list(b.methods), list(b.budgets), list(b.layers))
+    name = b.name or f"{cfg.model.name}-{facts['device'].split(':')[0]}"
+    paths = write_report(result, Path(b.out), name)
+    print(Path(paths[1]).read_text())
+    print(f"[bench] wrote {paths[0]} and {paths[1]}")
+
+
+def main() -> None:
+    from ..__main__ import check_group_choices
+
+    check_group_choices(sys.argv[1:])
+    app()
+
+
+if __name__ == "__main__":
+    main()
