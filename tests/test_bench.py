@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from smt_bench.bench.report import summarize
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny-llama", "device=cpu", "bench.steps=3", "bench.skip=1", "bench.seq_len=16", "bench.budgets=[0.05]"]
+TINY = ["model=tiny-llama", "device=cpu", "bench.steps=3", "bench.skip=1", "bench.seq_len=16", "bench.budgets=[0.002]"]
 
 
 def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -26,7 +27,7 @@ def test_every_method_at_two_depths_gives_a_full_depth_table(tmp_path):
     p = _bench(tmp_path, *TINY, "bench.isolate=false", "bench.name=t")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "t.json").read_text())
-    assert set(res["summary"]) == {"floor", "smt@0.05", "smt_reference@0.05", "lora@0.05", "dora@0.05", "full_ft"}
+    assert set(res["summary"]) == {"floor", "smt@0.002", "smt_reference@0.002", "lora@0.002", "dora@0.002", "full_ft"}
     for key, s in res["summary"].items():
         assert s["measured"] and set(s["per_depth"]) == {"1", "2"}, key
         for field in ("step_s_full", "per_layer_step_s", "peak_growth_bytes_full", "total_bytes_full",
@@ -36,42 +37,81 @@ def test_every_method_at_two_depths_gives_a_full_depth_table(tmp_path):
     assert res["summary"]["full_ft"]["trainable_params_full"] == full
     assert res["summary"]["full_ft"]["analytic_state_bytes_full"] == {"weights": 4 * full, "gradients": 4 * full,
                                                                        "optimizer": 8 * full}
-    smt, ref = res["summary"]["smt@0.05"], res["summary"]["smt_reference@0.05"]
+    smt, ref = res["summary"]["smt@0.002"], res["summary"]["smt_reference@0.002"]
     # each depth trains its share of the full-depth plan: the 1-layer model half the blocks of the 2-layer one
     assert smt["per_depth"]["1"]["trainable_params"] * 2 == smt["per_depth"]["2"]["trainable_params"] == \
         smt["trainable_params_full"] == ref["per_depth"]["2"]["trainable_params"]
-    lora = res["summary"]["lora@0.05"]
+    lora = res["summary"]["lora@0.002"]
     assert lora["per_depth"]["1"]["trainable_params"] * 2 == lora["per_depth"]["2"]["trainable_params"]
     for k in ("step_to_lora", "flop_floor_to_full_ft", "warmup_peak_to_train_peak", "step_to_full_ft"):
         assert k in smt, k
-    assert "step_to_lora" in res["summary"]["dora@0.05"] and "memory_to_lora" in res["summary"]["dora@0.05"]
-    assert {"smt_step_le_1.05x_floor@0.05", "smt_step_below_lora@0.05", "smt_memory_le_0.25x_full_ft@0.05",
-            "smt_warmup_peak_le_1.2x_train_peak@0.05"} <= set(res["goals"])
+    assert "step_to_lora" in res["summary"]["dora@0.002"] and "memory_to_lora" in res["summary"]["dora@0.002"]
+    assert {"smt_step_le_1.05x_floor@0.002", "smt_step_below_lora@0.002", "smt_memory_le_0.25x_full_ft@0.002",
+            "smt_warmup_peak_le_1.2x_train_peak@0.002"} <= set(res["goals"])
     assert res["config_hash"] and res["meta_info"]["git"] and res["meta_info"]["versions"]["torch"]
     md = (tmp_path / "t.md").read_text()
     assert all(f"| {k} |" in md for k in res["summary"]) and "not per-method figures" in md
 
 
-def test_isolated_workers_and_a_method_given_analytically(tmp_path):
-    p = _bench(tmp_path, *TINY, "bench.methods=[floor,full_ft]", "bench.analytic_only=[full_ft]", "bench.name=i")
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads((tmp_path / "i.json").read_text())
-    assert res["memory_env"] == {"MALLOC_MMAP_THRESHOLD_": 65536}
-    assert res["summary"]["floor"]["measured"] and not res["summary"]["full_ft"]["measured"]
-    assert res["summary"]["full_ft"]["total_bytes_full"] == res["summary"]["full_ft"]["analytic_total_bytes_full"]
-    assert "(analytic: not measured)" in (tmp_path / "i.md").read_text()
+def _bench_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from smt_bench.schema.store import CONF, register
+
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("benchmark", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
 
 
-@pytest.mark.parametrize("arg,message", [
-    ("bench.layers=[2,1]", "bench.layers=[2, 1]: give two depths"),
-    ("bench.methods=[smt,nope]", "bench.methods: unknown ['nope']"),
-    ("bench.layers=[1,3]", "model tiny-llama has 2 layers"),
-    ("bench.steps=1", "bench.steps=1 must be above bench.skip=1"),
+def test_an_isolated_worker_is_a_process_of_its_own_with_the_fixed_mmap_threshold():
+    from smt_bench.bench.__main__ import _run_worker, plan_jobs
+
+    jobs, _ = plan_jobs(_bench_config(*TINY, "bench.methods=[floor]"))
+    spec = {**jobs[0], "steps": 2, "skip": 1}
+    res = _run_worker(spec, isolate=True)
+    assert not res.get("failed"), res
+    assert res["method"] == "floor" and res["layers"] == 1 and res["trainable_params"] == 0
+    assert res["peak_kind"] == "cpu_peak_rss_growth" and len(res["step_times_s"]) == 2
+    broken = _run_worker({**spec, "model_source": {"_target_": "smt_bench.models.NoSuchModel"}}, isolate=True)
+    assert broken["failed"] and broken["error"].startswith("exit 1:")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["bench.methods=[smt,nope]"], "bench.methods: unknown ['nope']"),
+    (["bench.layers=[1,3]"], "model tiny-llama has 2 layers"),
+    (["bench.steps=1"], "bench.steps=1 must be above bench.skip=1"),
+    (["bench.budgets=[0]"], "bench.budgets=[0]: fractions in (0, 1]"),
+    (["bench.analytic_only=[lisa]"], "bench.analytic_only=['lisa']"),
 ])
-def test_bad_bench_input_is_one_line_and_exit_2(tmp_path, arg, message):
-    p = _bench(tmp_path, *TINY, arg)
-    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert not list(tmp_path.glob("*.json"))
+def test_bad_bench_config_is_named(overrides, message):
+    from smt_bench.bench.__main__ import check, plan_jobs
+    from smt_bench.errors import UserError
+
+    cfg = _bench_config(*TINY, *overrides)
+    with pytest.raises(UserError, match=re.escape(message)):
+        check(cfg)
+        plan_jobs(cfg)
+
+
+def test_bad_bench_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    p = _bench(tmp_path, *TINY, "bench.layers=[2,1]")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "bench.layers=[2, 1]: give two depths" in p.stderr and not list(tmp_path.glob("*.*"))
+
+
+def test_a_method_given_analytically_is_said_so():
+    runs = [{"method": "floor", "budget": None, "layers": L, "median_step_s": 1.0, "peak_bytes": 10.0,
+             "trainable_params": 0, "step_times_s": [1.0], "breakdown_bytes": dict.fromkeys(
+                 ("weights", "gradients", "optimizer", "activations"), 1.0)} for L in (1, 2)]
+    summary, _ = summarize(runs, {"depth": 4, "total_params": 100, "plans": {}}, ["floor", "full_ft"], [], [1, 2])
+    ft = summary["full_ft"]
+    assert not ft["measured"] and ft["total_bytes_full"] == ft["analytic_total_bytes_full"] == 1600
+    assert summary["floor"]["memory_to_full_ft"] == (400 + 10) / 1600
 
 
 def test_extrapolation_is_linear_in_depth():
