@@ -2,9 +2,11 @@
 """Benchmark the SMT block kernels against the batched-PyTorch path and a dense dW matmul.
 
 Why: SMT's speed claim rests on the weight gradient costing ~d of a dense dW (d = trained
-fraction). This measures, for LLaMA-7B-sized layers (T = 4096 tokens, B = 256, bf16), how close
-the Triton kernel and the torch fallback come to that, in TFLOP/s on the selected blocks
-(2·T·B²·k flops), and what the fused AdamW + write-back costs per optimizer step.
+fraction). This measures, for LLaMA-7B-sized layers (B = 256, bf16), k = 1..64 blocks and T = 2k..16k
+tokens, how close the Triton kernel and the torch (batched) path come to that: in TFLOP/s on the
+selected blocks (2·T·B²·k flops), as a percentage of a dense cuBLAS GEMM doing the same flops
+((B × T) @ (T × kB)), against the layer's whole dense dW, and what the fused AdamW + write-back costs
+per optimizer step. Goals (in `goals`): Triton ≥ 80% of the same-flop dense GEMM and ≥ 2× the torch path.
 
     python scripts/bench_kernels.py                  # needs CUDA; writes results/bench/kernels.{json,md}
     python scripts/bench_kernels.py --smoke --out /tmp/x   # tiny CPU run (triton if TRITON_INTERPRET=1)
@@ -25,16 +27,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 FULL_LAYERS = [("q/k/v/o 4096x4096", 4096, 4096), ("up/gate 11008x4096", 11008, 4096)]
-FULL_FRACTIONS = (0.005, 0.01, 0.05)
+FULL_TOKENS, FULL_KS = "2048,4096,8192,16384", "1,2,4,8,16,32,64"
 SMOKE_LAYERS = [("smoke 64x48", 64, 48), ("smoke 96x64", 96, 64)]
-SMOKE_FRACTIONS = (0.1, 0.5)
+SMOKE_TOKENS, SMOKE_KS = "37", "1,3"
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to test the script")
     p.add_argument("--out", default=str(REPO / "results" / "bench"), help="output folder")
-    p.add_argument("--tokens", type=int, default=None, help="T (default 4096; smoke 37)")
+    p.add_argument("--tokens", default=None, help="T values, comma-separated (default 2048,4096,8192,16384; smoke 37)")
+    p.add_argument("--ks", default=None, help="blocks per layer, comma-separated (default 1,2,4,8,16,32,64; smoke 1,3)")
     p.add_argument("--block-size", type=int, default=None, help="B (default 256; smoke 16)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 50; smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10; smoke 1)")
@@ -95,49 +98,71 @@ def _timer(torch, device):
     return measure
 
 
-def _markdown(meta: dict, rows: list[dict]) -> str:
-    wgrad = {(r["layer"], r["k"], r["backend"]): r for r in rows if r["op"] == "wgrad"}
+def _goals(rows: list[dict], block_size: int) -> dict:
+    """The kernel goals at this block size, over every (layer, T, k) measured: Triton's block dW at
+    >= 80% of a dense GEMM doing the same flops, and >= 2x the torch (batched) path."""
+    tri = {(r["layer"], r["tokens"], r["k"]): r for r in rows if r["op"] == "wgrad" and r["backend"] == "triton"}
+    tor = {(r["layer"], r["tokens"], r["k"]): r for r in rows if r["op"] == "wgrad" and r["backend"] == "torch"}
+    if not tri:
+        return {}
+    pct = [r["pct_of_same_flops_dense"] for r in tri.values()]
+    speed = [tor[c]["ms"] / r["ms"] for c, r in tri.items() if c in tor]
+    return {"block_size": block_size, "cases": len(tri),
+            "triton_pct_of_same_flops_dense": {"min": min(pct), "median": statistics.median(pct)},
+            "triton_vs_torch": {"min": min(speed), "median": statistics.median(speed)},
+            "triton_ge_80pct_of_dense_in_all_cases": min(pct) >= 80,
+            "triton_ge_2x_torch_in_all_cases": min(speed) >= 2}
+
+
+def _markdown(meta: dict, rows: list[dict], goals: dict) -> str:
+    wgrad = {(r["layer"], r["tokens"], r["k"], r["backend"]): r for r in rows if r["op"] == "wgrad"}
     adamw = {(r["layer"], r["k"], r["backend"]): r for r in rows if r["op"] == "adamw"}
-    cases = sorted({(r["layer"], r["d_out"], r["d_in"], r["fraction"], r["k"]) for r in rows if r["op"] == "wgrad"},
-                   key=lambda c: (c[1], c[2], c[4]))
-    backends = [b for b in ("torch", "triton", "triton_det") if any(k[2] == b for k in wgrad)]
+    cases = sorted({(r["layer"], r["d_out"], r["d_in"], r["tokens"], r["fraction"], r["k"]) for r in rows
+                    if r["op"] == "wgrad"}, key=lambda c: (c[1], c[2], c[3], c[5]))
+    backends = [b for b in ("torch", "triton", "triton_det") if any(k[3] == b for k in wgrad)]
 
     def fmt(x, spec=".3f"):
         return "–" if x is None else format(x, spec)
 
-    head = ["layer", "blocks k (frac)", "dense dW ms"]
+    head = ["layer", "T", "blocks k (frac)", "dense dW ms", "same-flop GEMM ms"]
     for b in backends:
-        head += [f"{b} ms", f"{b} TFLOP/s", f"{b} vs dense"]
+        head += [f"{b} ms", f"{b} TFLOP/s", f"{b} % of same-flop GEMM"]
     if "triton" in backends:
         head.append("triton vs torch")
     head += [f"AdamW {b} ms" for b in ("torch", "triton") if any(k[2] == b for k in adamw)]
     lines = [
         f"# SMT block kernels — {meta['device']}",
         "",
-        f"T = {meta['tokens']} tokens, B = {meta['block_size']}, inputs {meta['dtype']}, median of "
-        f"{meta['repeats']} repeats. TFLOP/s count only the selected blocks (2·T·B²·k); "
-        "'vs dense' = dense dW time / this time (a speed-up; the flop ratio is 1/frac). "
+        f"T = {', '.join(map(str, meta['tokens']))} tokens, B = {meta['block_size']}, inputs {meta['dtype']}, "
+        f"median of {meta['repeats']} repeats. TFLOP/s count only the selected blocks (2·T·B²·k); "
+        "'% of same-flop GEMM' = a dense (B × T) @ (T × kB) GEMM's time / this time. "
         f"git {str(meta['git_sha'])[:10]}{' (dirty)' if meta['git_dirty'] else ''}, torch {meta['torch']}, "
         f"triton {meta['triton']}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    for layer, d_out, d_in, frac, k in cases:
-        dense = wgrad.get((layer, k, "dense"))
-        cells = [layer, f"{k} ({frac:.2%})", fmt(dense and dense["ms"])]
+    for layer, d_out, d_in, T, frac, k in cases:
+        dense, eq = wgrad.get((layer, T, k, "dense")), wgrad.get((layer, T, k, "dense_same_flops"))
+        cells = [layer, str(T), f"{k} ({frac:.2%})", fmt(dense and dense["ms"]), fmt(eq and eq["ms"])]
         for b in backends:
-            r = wgrad.get((layer, k, b))
-            cells += [fmt(r and r["ms"]), fmt(r and r["tflops"], ".1f"),
-                      fmt(r and dense and dense["ms"] / r["ms"], ".2f") + ("×" if r and dense else "")]
+            r = wgrad.get((layer, T, k, b))
+            cells += [fmt(r and r["ms"]), fmt(r and r["tflops"], ".1f"), fmt(r and r.get("pct_of_same_flops_dense"), ".0f")]
         if "triton" in backends:
-            t, tt = wgrad.get((layer, k, "triton")), wgrad.get((layer, k, "torch"))
+            t, tt = wgrad.get((layer, T, k, "triton")), wgrad.get((layer, T, k, "torch"))
             cells.append(fmt(t and tt and tt["ms"] / t["ms"], ".2f") + ("×" if t and tt else ""))
         for b in ("torch", "triton"):
             if any(key[2] == b for key in adamw):
-                r = adamw.get((layer, k, b))
+                r = adamw.get((layer, k, b)) if T == meta["tokens"][0] else None
                 cells.append(fmt(r and r["ms"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if goals:
+        lines += ["", f"Goals at B = {goals['block_size']} over {goals['cases']} cases: Triton at "
+                  f"{goals['triton_pct_of_same_flops_dense']['min']:.0f}% (min) / "
+                  f"{goals['triton_pct_of_same_flops_dense']['median']:.0f}% (median) of the same-flop GEMM "
+                  f"(goal ≥ 80%: {'yes' if goals['triton_ge_80pct_of_dense_in_all_cases'] else 'NO'}); "
+                  f"{goals['triton_vs_torch']['min']:.2f}× / {goals['triton_vs_torch']['median']:.2f}× the torch "
+                  f"path (goal ≥ 2×: {'yes' if goals['triton_ge_2x_torch_in_all_cases'] else 'NO'})."]
     return "\n".join(lines) + "\n"
 
 
@@ -163,67 +188,74 @@ def main(argv=None) -> int:
         return 2
 
     smoke = args.smoke
-    T = args.tokens or (37 if smoke else 4096)
+    tokens = [int(t) for t in (args.tokens or (SMOKE_TOKENS if smoke else FULL_TOKENS)).split(",")]
+    ks = [int(k) for k in (args.ks or (SMOKE_KS if smoke else FULL_KS)).split(",")]
     B = args.block_size or (16 if smoke else 256)
     repeats = args.repeats or (3 if smoke else 50)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 10)
     dtype = torch.float16 if smoke else torch.bfloat16  # the interpreter cannot do bf16
     layers = SMOKE_LAYERS if smoke else FULL_LAYERS
-    fractions = SMOKE_FRACTIONS if smoke else FULL_FRACTIONS
     measure = _timer(torch, device)
     gen = torch.Generator().manual_seed(args.seed)
 
-    meta = dict(_provenance(torch, device), tokens=T, block_size=B, dtype=str(dtype).replace("torch.", ""),
+    meta = dict(_provenance(torch, device), tokens=tokens, ks=ks, block_size=B, dtype=str(dtype).replace("torch.", ""),
                 repeats=repeats, warmup=warmup, smoke=smoke, seed=args.seed)
     rows: list[dict] = []
     for layer, d_out, d_in in layers:
         n_r, n_c = d_out // B, d_in // B
-        dy = torch.randn(T, d_out, generator=gen).to(device=device, dtype=dtype)
-        x = torch.randn(T, d_in, generator=gen).to(device=device, dtype=dtype)
-        dense_ms = measure(lambda: dy.t() @ x, warmup, repeats)
-        for frac in fractions:
-            k = max(1, round(frac * n_r * n_c))
-            pick = torch.randperm(n_r * n_c, generator=gen)[:k].sort().values
-            rows_t, cols_t = (pick // n_c).to(device), (pick % n_c).to(device)
-            flops = 2.0 * T * B * B * k
-            base = dict(layer=layer, d_out=d_out, d_in=d_in, fraction=frac, k=k, tokens=T, block_size=B)
-            rows.append(dict(base, op="wgrad", backend="dense", ms=dense_ms,
-                             tflops=2.0 * T * d_out * d_in / dense_ms / 1e9))
+        for T in tokens:
+            dy = torch.randn(T, d_out, generator=gen).to(device=device, dtype=dtype)
+            x = torch.randn(T, d_in, generator=gen).to(device=device, dtype=dtype)
+            dense_ms = measure(lambda: dy.t() @ x, warmup, repeats)
+            for k in [k for k in ks if k <= n_r * n_c]:
+                pick = torch.randperm(n_r * n_c, generator=gen)[:k].sort().values
+                rows_t, cols_t = (pick // n_c).to(device), (pick % n_c).to(device)
+                flops = 2.0 * T * B * B * k
+                base = dict(layer=layer, d_out=d_out, d_in=d_in, fraction=k / (n_r * n_c), k=k, tokens=T, block_size=B)
+                rows.append(dict(base, op="wgrad", backend="dense", ms=dense_ms,
+                                 tflops=2.0 * T * d_out * d_in / dense_ms / 1e9))
+                # a dense GEMM doing the blocks' flops: (B x T) @ (T x kB)
+                a_eq = dy[:, :B].contiguous()
+                b_eq = torch.randn(T, k * B, generator=gen).to(device=device, dtype=dtype)
+                eq_ms = measure(lambda: a_eq.t() @ b_eq, warmup, repeats)
+                rows.append(dict(base, op="wgrad", backend="dense_same_flops", ms=eq_ms, tflops=flops / eq_ms / 1e9))
+                del b_eq
 
-            candidates = {"torch": lambda: torch_ops.block_weight_grad(dy, x, rows_t, cols_t, B, validate=False)}
-            if triton_ops is not None:
-                candidates["triton"] = lambda: triton_ops.block_weight_grad(dy, x, rows_t, cols_t, B, validate=False)
-                candidates["triton_det"] = lambda: triton_ops.block_weight_grad(
-                    dy, x, rows_t, cols_t, B, validate=False, deterministic=True)
-            ref = candidates["torch"]()
-            for name, fn in candidates.items():
-                err = (fn() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-                ms = measure(fn, warmup, repeats)
-                rows.append(dict(base, op="wgrad", backend=name, ms=ms, tflops=flops / ms / 1e9,
-                                 speedup_vs_dense=dense_ms / ms, max_rel_err_vs_torch=err))
+                candidates = {"torch": lambda: torch_ops.block_weight_grad(dy, x, rows_t, cols_t, B, validate=False)}
+                if triton_ops is not None:
+                    candidates["triton"] = lambda: triton_ops.block_weight_grad(dy, x, rows_t, cols_t, B, validate=False)
+                    candidates["triton_det"] = lambda: triton_ops.block_weight_grad(
+                        dy, x, rows_t, cols_t, B, validate=False, deterministic=True)
+                ref = candidates["torch"]()
+                for name, fn in candidates.items():
+                    err = (fn() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+                    ms = measure(fn, warmup, repeats)
+                    rows.append(dict(base, op="wgrad", backend=name, ms=ms, tflops=flops / ms / 1e9,
+                                     speedup_vs_dense=dense_ms / ms, pct_of_same_flops_dense=100 * eq_ms / ms,
+                                     max_rel_err_vs_torch=err))
+                if T == tokens[0]:  # AdamW + write-back does not depend on T
+                    weight = torch.zeros(d_out, d_in, device=device, dtype=dtype)
+                    hp = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=10)
+                    adam_fns = {"torch": torch_ops.block_adamw_step_}
+                    if triton_ops is not None:
+                        adam_fns["triton"] = triton_ops.block_adamw_step_
+                    grads = torch.randn(k, B, B, generator=gen).to(device)
+                    for name, step_fn in adam_fns.items():
+                        state = [torch.randn(k, B, B, generator=gen).to(device), torch.zeros(k, B, B, device=device),
+                                 torch.zeros(k, B, B, device=device)]
+                        ms = measure(lambda: step_fn(state[0], grads, state[1], state[2], weight, rows_t, cols_t,
+                                                     validate=False, **hp), warmup, repeats)
+                        moved = k * B * B * (4 * 4 + 3 * 4 + weight.element_size())  # read p,g,m,v; write p,m,v,w
+                        rows.append(dict(base, op="adamw", backend=name, ms=ms, gbytes_per_s=moved / ms / 1e6))
+                print(f"{layer:>22}  T={T:<6d} k={k:<3d} " + "  ".join(
+                    f"{r['backend']}={r['ms']:.3f}ms" for r in rows if r["k"] == k and r["layer"] == layer
+                    and r["op"] == "wgrad" and r["tokens"] == T), flush=True)
 
-            # AdamW + write-back of the k blocks into a dense weight of the layer's shape and dtype
-            weight = torch.zeros(d_out, d_in, device=device, dtype=dtype)
-            hp = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=10)
-            adam_fns = {"torch": torch_ops.block_adamw_step_}
-            if triton_ops is not None:
-                adam_fns["triton"] = triton_ops.block_adamw_step_
-            grads = torch.randn(k, B, B, generator=gen).to(device)
-            for name, step_fn in adam_fns.items():
-                state = [torch.randn(k, B, B, generator=gen).to(device), torch.zeros(k, B, B, device=device),
-                         torch.zeros(k, B, B, device=device)]
-                ms = measure(lambda: step_fn(state[0], grads, state[1], state[2], weight, rows_t, cols_t,
-                                             validate=False, **hp), warmup, repeats)
-                moved = k * B * B * (4 * 4 + 3 * 4 + weight.element_size())  # read p,g,m,v; write p,m,v,w
-                rows.append(dict(base, op="adamw", backend=name, ms=ms, gbytes_per_s=moved / ms / 1e6))
-            print(f"{layer:>22}  k={k:<4d} " + "  ".join(
-                f"{r['backend']}={r['ms']:.3f}ms" for r in rows if r["k"] == k and r["layer"] == layer
-                and r["op"] == "wgrad"), flush=True)
-
+    goals = _goals(rows, B)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out / "kernels.md").write_text(_markdown(meta, rows))
+    (out / "kernels.json").write_text(json.dumps({"meta": meta, "goals": goals, "rows": rows}, indent=2) + "\n")
+    (out / "kernels.md").write_text(_markdown(meta, rows, goals))
     print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
     return 0
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,42 +34,6 @@ from smt_bench.methods.base import Context  # noqa: E402
 
 METHODS = ("floor", "smt", "smt_reference", "lora", "dora", "full_ft")
 MMAP_THRESHOLD = 65536  # bytes; a fixed value also turns off glibc's dynamic threshold
-
-
-class _RefFn(torch.autograd.Function):
-    """The reference code's backward: full input saved, dW block by block in a Python loop."""
-
-    @staticmethod
-    def forward(ctx, x, layer, *blocks):
-        ctx.save_for_backward(x)
-        ctx.layer = layer
-        return nn.functional.linear(x, layer.weight, layer.bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        layer, B = ctx.layer, ctx.layer.block_size
-        dx = dy @ layer.weight
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        grads = [dy2[:, r * B:(r + 1) * B].T @ x2[:, c * B:(c + 1) * B] for r, c in layer.index]
-        return (dx, None, *grads)
-
-
-class ReferenceBlockLinear(nn.Module):
-    """Reference-style SMT layer: one parameter per block, copied into the weight before every forward."""
-
-    def __init__(self, smt_layer):
-        super().__init__()
-        self.weight, self.bias, self.block_size = smt_layer.weight, smt_layer.bias, smt_layer.block_size
-        self.index = list(zip(smt_layer.rows.tolist(), smt_layer.cols.tolist()))
-        self.blocks = nn.ParameterList([nn.Parameter(b.detach().clone()) for b in smt_layer.blocks])
-
-    def forward(self, x):
-        B = self.block_size
-        with torch.no_grad():
-            for (r, c), b in zip(self.index, self.blocks):
-                self.weight[r * B:(r + 1) * B, c * B:(c + 1) * B].copy_(b)
-        return _RefFn.apply(x, self, *self.blocks)
 
 
 def _build(name: str, block_size: int, warmup_steps: int):
@@ -112,10 +75,9 @@ def worker(args) -> dict:
         if args.worker in ("smt", "smt_reference"):
             out["warmup_peak_bytes"] = mem.stop()
         if args.worker == "smt_reference":
-            for n, layer in list(tuned.layers.items()):
-                parent, child = n.rsplit(".", 1)
-                setattr(model.get_submodule(parent), child, ReferenceBlockLinear(layer))
-            params = [p for p in model.parameters() if p.requires_grad]
+            from smt_bench.methods.smt.reference import to_reference
+
+            params = to_reference(tuned)
             opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
         else:
             params = tuned.trainable_parameters()

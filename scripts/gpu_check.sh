@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a session that is lent a device: the kernel tests with the Triton kernels compiled
-# (TRITON_INTERPRET=0; bf16 included, in test_triton_compiled_on_gpu_incl_bf16) and the kernel benchmark
-# at LLaMA-7B layer shapes. Run from the repository root on the device machine, e.g. through the device
+# (TRITON_INTERPRET=0; bf16 included, in test_triton_compiled_on_gpu_incl_bf16), the kernel benchmark
+# at LLaMA-7B layer shapes, and smt_bench.bench (every method at LLaMA-7B shape, bf16 autocast). Run from the repository root on the device machine, e.g. through the device
 # tool:  bash scripts/gpu_check.sh        (writes to $OUT, else results/gpu; commit what it measured there)
 #
 # The device image has torch, triton and pytest but not this project's other dependencies, and nothing
@@ -14,9 +14,18 @@ mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+SMOKE=${GPU_CHECK_SMOKE:-0}   # 1: the same steps at tiny shapes on the CPU (tests/test_gpu_check.py), so it cannot rot
+if [ "$SMOKE" = 1 ]; then
+  export TRITON_INTERPRET=1
+elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA device visible to $PY; run this on the device machine" >&2
   exit 2
+fi
+# hydra-core / omegaconf (smt_bench.bench's config) are not in the device image: carried as wheels in .whl
+# (scripts/gpu_wheels.sh makes them; name .whl in the device tool's carry)
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 shim=$(mktemp -d)
@@ -35,12 +44,30 @@ cat "$OUT_DIR/device.txt"
 
 # -o addopts= drops the project's pytest options (pytest-timeout may be absent there); -p no:cacheprovider
 # keeps the tree clean
-"$PY" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -o addopts= 2>&1 | tee "$OUT_DIR/kernel_tests.log"
+if [ "$SMOKE" = 1 ]; then
+  KTESTS=(-k compiled); KBENCH=(--smoke)
+  BENCH=(model=tiny-llama device=cpu bench.methods=[floor,smt] bench.budgets=[0.002] bench.steps=2 bench.skip=1
+         bench.seq_len=16 bench.isolate=false)
+else
+  KTESTS=(); KBENCH=()
+  # every method at LLaMA-7B shape in bf16 autocast over fp32 masters, at 1 and 2 layers, extrapolated to 32
+  BENCH=(model=llama-7b-random device=cuda bench.layers=[1,2] bench.steps=12 bench.skip=2)
+fi
+"$PY" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -o addopts= "${KTESTS[@]}" 2>&1 | tee "$OUT_DIR/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-"$PY" scripts/bench_kernels.py --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench_kernels.log"
+"$PY" scripts/bench_kernels.py --out "$OUT_DIR" "${KBENCH[@]}" 2>&1 | tee "$OUT_DIR/bench_kernels.log"
 bench_rc=${PIPESTATUS[0]}
 
+if "$PY" -c "import hydra, omegaconf, transformers, peft" 2>/dev/null; then
+  "$PY" -m smt_bench.bench "${BENCH[@]}" bench.out="$OUT_DIR" bench.name=methods 2>&1 | tee "$OUT_DIR/bench_methods.log"
+  methods_rc=${PIPESTATUS[0]}
+else
+  echo "gpu_check: hydra-core / omegaconf / transformers / peft missing: smt_bench.bench skipped (carry .whl)" \
+    | tee "$OUT_DIR/bench_methods.log"
+  methods_rc=3
+fi
+
 rm -rf "$shim"
-echo "gpu_check: kernel tests exit $tests_rc, kernel bench exit $bench_rc; files in $OUT_DIR"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "gpu_check: kernel tests exit $tests_rc, kernel bench exit $bench_rc, methods bench exit $methods_rc; files in $OUT_DIR"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$methods_rc" -eq 0 ]

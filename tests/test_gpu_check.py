@@ -1,0 +1,23 @@
+"""scripts/gpu_check.sh in its smoke mode (GPU_CHECK_SMOKE=1): the same steps at tiny shapes on the CPU,
+Triton interpreted, so the script a device session runs cannot rot between sessions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke_runs_every_step_and_writes_its_files(tmp_path):
+    env = dict(os.environ, GPU_CHECK_SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    assert "methods bench exit 0" in p.stdout
+    names = {f.name for f in tmp_path.iterdir()}
+    assert {"device.txt", "kernel_tests.log", "bench_kernels.log", "methods.json", "methods.md"} <= names, names
+    methods = json.loads((tmp_path / "methods.json").read_text())
+    assert set(methods["summary"]) == {"floor", "smt@0.002"}
