@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for a session that is lent a device: the kernel tests with the Triton kernels compiled
 # (TRITON_INTERPRET=0; bf16 included, in test_triton_compiled_on_gpu_incl_bf16), the kernel benchmark
-# at LLaMA-7B layer shapes, and smt_bench.bench (every method at LLaMA-7B shape, bf16 autocast). Run from the repository root on the device machine, e.g. through the device
+# at LLaMA-7B layer shapes, SMT trained with kernels=triton vs torch (scripts/gpu_train_check.py), and
+# smt_bench.bench (every method at LLaMA-7B shape, bf16 autocast). Run from the repository root on the device machine, e.g. through the device
 # tool:  bash scripts/gpu_check.sh        (writes to $OUT, else results/gpu; commit what it measured there)
 #
 # The device image has torch, triton and pytest but not this project's other dependencies, and nothing
@@ -59,6 +60,10 @@ tests_rc=${PIPESTATUS[0]}
 "$PY" scripts/bench_kernels.py --out "$OUT_DIR" "${KBENCH[@]}" 2>&1 | tee "$OUT_DIR/bench_kernels.log"
 bench_rc=${PIPESTATUS[0]}
 
+# SMT trained 20 steps with kernels=triton and kernels=torch (SmolLM2's architecture): loss curves must agree
+"$PY" scripts/gpu_train_check.py --out "$OUT_DIR" $([ "$SMOKE" = 1 ] && echo --smoke) 2>&1 | tee "$OUT_DIR/train_check.log"
+train_rc=${PIPESTATUS[0]}
+
 if "$PY" -c "import hydra, omegaconf, transformers, peft" 2>/dev/null; then
   "$PY" -m smt_bench.bench "${BENCH[@]}" bench.out="$OUT_DIR" bench.name=methods 2>&1 | tee "$OUT_DIR/bench_methods.log"
   methods_rc=${PIPESTATUS[0]}
@@ -69,5 +74,6 @@ else
 fi
 
 rm -rf "$shim"
-echo "gpu_check: kernel tests exit $tests_rc, kernel bench exit $bench_rc, methods bench exit $methods_rc; files in $OUT_DIR"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$methods_rc" -eq 0 ]
+echo "gpu_check: kernel tests exit $tests_rc, kernel bench exit $bench_rc, train check exit $train_rc," \
+  "methods bench exit $methods_rc; files in $OUT_DIR"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ] && [ "$methods_rc" -eq 0 ]

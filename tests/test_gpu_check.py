@@ -16,8 +16,11 @@ def test_gpu_check_smoke_runs_every_step_and_writes_its_files(tmp_path):
     p = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    assert "methods bench exit 0" in p.stdout
+    assert "train check exit 0" in p.stdout and "methods bench exit 0" in p.stdout
     names = {f.name for f in tmp_path.iterdir()}
-    assert {"device.txt", "kernel_tests.log", "bench_kernels.log", "methods.json", "methods.md"} <= names, names
+    assert {"device.txt", "kernel_tests.log", "kernels.json", "train_check.json", "methods.json", "methods.md"} <= names
+    check = json.loads((tmp_path / "train_check.json").read_text())
+    assert check["passed"] and check["same_block_map"] and check["max_abs_loss_diff"] <= check["tolerance"]
+    assert check["runs"]["triton"]["backend"] == "triton" and check["runs"]["torch"]["backend"] == "torch"
     methods = json.loads((tmp_path / "methods.json").read_text())
     assert set(methods["summary"]) == {"floor", "smt@0.002"}

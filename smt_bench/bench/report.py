@@ -14,6 +14,7 @@ from ..results import write_json_atomic
 from .worker import FLOOR
 
 GIB = 2 ** 30
+WARMED = ("smt", "smt_reference")  # methods with a warm-up phase of their own before training
 PARTS = ("weights", "gradients", "optimizer", "activations")
 
 
@@ -71,7 +72,7 @@ def summarize(runs: list[dict], facts: dict, methods: list[str], budgets: list[f
                 s["total_bytes_full"] = 4 * n_full + s["peak_growth_bytes_full"]
                 s["breakdown_bytes_full"] = {p: _extrapolate(a["breakdown_bytes"][p], b["breakdown_bytes"][p], l1, l2,
                                                              depth) for p in PARTS}
-                if a.get("prepare_peak_bytes") is not None:
+                if m in WARMED and a.get("prepare_peak_bytes") is not None:  # SMT's warm-up; peft's prepare is an init
                     s["prepare_peak_bytes_full"] = ext("prepare_peak_bytes")
                     s["warmup_peak_to_train_peak"] = s["prepare_peak_bytes_full"] / s["peak_growth_bytes_full"]
                 s["measured"] = True
@@ -172,9 +173,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def regenerate(path: Path) -> tuple[Path, Path]:
+    """The summary, goals and table again from a result's own raw measurements (after a change here)."""
+    import json
+
+    result = json.loads(Path(path).read_text())
+    b = result["config"]["bench"]
+    result["summary"], result["goals"] = summarize(result["runs"], result["facts"], b["methods"], b["budgets"],
+                                                   b["layers"])
+    return write_report(result, Path(path).parent, Path(path).stem)
+
+
 def write_report(result: dict, out: Path, name: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / f"{name}.json", out / f"{name}.md"
     write_json_atomic(js, result)
     md.write_text(markdown(result))
     return js, md
+
+
+if __name__ == "__main__":  # python -m smt_bench.bench.report results/bench/<name>.json
+    import sys
+
+    for p in sys.argv[1:]:
+        print("rewrote", *regenerate(Path(p)))
