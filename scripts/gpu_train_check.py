@@ -34,10 +34,10 @@ def train_once(backend: str, arch: dict, steps: int, batch: int, seq: int, devic
 
     from smt_bench.data.batches import BatchStream
     from smt_bench.loggers import NullLogger
-    from smt_bench.methods.base import Context
     from smt_bench.methods.smt import SMT
     from smt_bench.models import TinyLlama, shapes_of
-    from smt_bench.trainer import forward_loss, autocast_for, train
+    from smt_bench.run import method_context
+    from smt_bench.trainer import train
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -45,19 +45,9 @@ def train_once(backend: str, arch: dict, steps: int, batch: int, seq: int, devic
     g = torch.Generator().manual_seed(1)
     examples = [{"input_ids": ids, "labels": ids} for ids in
                 torch.randint(0, arch["vocab_size"], (64, seq), generator=g).tolist()]
-    warm = BatchStream(examples, batch, pad_id=0, seed=2)
-
-    def batches(n):
-        for _ in range(n):
-            yield {k: v.to(device) for k, v in next(warm).items()}
-
-    def loss(m, b):
-        with autocast_for(device):
-            return forward_loss(m, b)
-
     method = SMT(name="smt", lr=1e-4, kernels=backend, warmup_steps=2)
     plan = method.plan(shapes_of(model), round(0.01 * sum(p.numel() for p in model.parameters())))
-    tuned = method.prepare(model, plan, Context(batches=batches, loss=loss, device=device))
+    tuned = method.prepare(model, plan, method_context(examples, batch, 0, 2, device))  # the harness's warm-up stream
     cfg = OmegaConf.create(dict(max_steps=steps, grad_accum=1, schedule="linear", warmup_ratio=0.1,
                                 betas=[0.9, 0.999], eps=1e-8, max_grad_norm=1.0, gradient_checkpointing=False,
                                 eval_every=0, log_every=1, checkpoint_every=0))
@@ -97,7 +87,8 @@ def main(argv=None) -> int:
     (out / "train_check.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "train_check.md").write_text(
         f"# SMT kernels=triton vs kernels=torch, {steps} steps on {device.type} ({result['precision']})\n\n"
-        f"SmolLM2-135M architecture, random weights and tokens, batch {batch}×{seq}, "
+        f"{'SmolLM2-135M architecture' if cuda else 'a tiny LLaMA (smoke run)'}, random weights and tokens, "
+        f"batch {batch}×{seq}, "
         f"{runs['torch']['blocks']} blocks of {runs['torch']['block_size']}². Max |Δloss| = {diff:.3g} "
         f"(tolerance {tol:g}); same block map: {same_blocks}; passed: {result['passed']}. "
         f"Median step: torch {runs['torch']['median_step_time_s']:.4f} s, triton "

@@ -77,8 +77,6 @@ def test_an_isolated_worker_is_a_process_of_its_own_with_the_fixed_mmap_threshol
     assert not res.get("failed"), res
     assert res["method"] == "floor" and res["layers"] == 1 and res["trainable_params"] == 0
     assert res["peak_kind"] == "cpu_peak_rss_growth" and len(res["step_times_s"]) == 2
-    broken = _run_worker({**spec, "model_source": {"_target_": "smt_bench.models.NoSuchModel"}}, isolate=True)
-    assert broken["failed"] and broken["error"].startswith("exit 1:")
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -138,10 +138,10 @@ def test_a_slurm_task_joins_the_world_slurm_describes(tmp_path):
                                                                    "MASTER_"))}
     env.update(SLURM_JOB_ID="77", SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NODEID="1",
                SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_STEP_NODELIST="gpu[07-08]")
-    code = ("import os; from smt_bench.distributed import _from_slurm; _from_slurm(); "
-            "print(*[os.environ.get(k) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR')])")
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+    code = ("import os; from smt_bench.distributed import _from_slurm\n"
+            f"step = os.environ.pop('SLURM_STEP_NUM_TASKS'); _from_slurm(); print(*[os.environ.get(k) for k in {keys}])\n"
+            f"os.environ['SLURM_STEP_NUM_TASKS'] = step; _from_slurm(); print(*[os.environ.get(k) for k in {keys}])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["3", "4", "1", "gpu07"], out.stderr[-2000:]
-    del env["SLURM_STEP_NUM_TASKS"]  # the batch script itself (not an srun step): one process
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert out.stdout.split() == ["None"] * 4, out.stderr[-2000:]
+    batch_script, srun_step = out.stdout.splitlines()  # the batch script itself (no srun step): one process
+    assert batch_script.split() == ["None"] * 4 and srun_step.split() == ["3", "4", "1", "gpu07"], out.stderr[-2000:]

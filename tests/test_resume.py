@@ -63,7 +63,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", list(METHOD))
+@pytest.mark.parametrize("name", ["smt"])  # LoRA: SIGTERM below, kill -9 in the sweep and under torchrun
 def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(name, uninterrupted, tmp_path):
     args = [*BASE, *METHOD[name], "train.checkpoint_every=3", f"results.dir={tmp_path / 'results'}"]
     p = _run(tmp_path / "cwd", args, faults=["kill:7"])
