@@ -56,9 +56,12 @@ def test_sweep_points_of_plain_and_explicit_multiruns():
 
 # --- every option of every config group composes ------------------------------------------------
 
+BENCH_ONLY = ("bench",)  # the groups of `python -m smt_bench.bench` (conf/benchmark.yaml): tests/test_bench.py
+
+
 def _group_options():
     out = []
-    for d in sorted(p for p in CONF.rglob("*") if p.is_dir()):
+    for d in sorted(p for p in CONF.rglob("*") if p.is_dir() and p.name not in BENCH_ONLY):
         for y in sorted(d.glob("*.yaml")):
             out.append((d.relative_to(CONF).as_posix(), y.stem))
     return out

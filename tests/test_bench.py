@@ -85,6 +85,7 @@ def test_an_isolated_worker_is_a_process_of_its_own_with_the_fixed_mmap_threshol
     (["bench.steps=1"], "bench.steps=1 must be above bench.skip=1"),
     (["bench.budgets=[0]"], "bench.budgets=[0]: fractions in (0, 1]"),
     (["bench.analytic_only=[lisa]"], "bench.analytic_only=['lisa']"),
+    (["bench.smt_overrides=['no_such_key=1']"], "bench.smt_overrides=['no_such_key=1']"),
 ])
 def test_bad_bench_config_is_named(overrides, message):
     from smt_bench.bench.__main__ import check, plan_jobs

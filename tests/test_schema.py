@@ -14,8 +14,8 @@ from smt_bench.__main__ import CONF
 from smt_bench.schema import groups, store
 from smt_bench.schema.spec import check_fields
 
-OPTIONS = [(d.name, y.stem) for d in sorted(CONF.iterdir()) if d.is_dir() and d.name != "hydra"
-           for y in sorted(d.glob("*.yaml"))]
+OPTIONS = [(d.name, y.stem) for d in sorted(CONF.iterdir()) if d.is_dir() and d.name not in ("hydra", "bench")
+           for y in sorted(d.glob("*.yaml"))]  # bench: the bench app's group, checked by smt_bench.bench.check
 ALL_SCHEMAS = [groups.Config, groups.Train, groups.Eval, groups.Forgetting, groups.Budget, groups.Results,
                *(s for opts in store.SCHEMAS.values() for s in opts.values())]
 # keys whose type is another schema (each group option brings its own) or free text

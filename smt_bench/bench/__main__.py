@@ -35,9 +35,14 @@ def _method_config(name: str, bench) -> dict | None:
 
     if name == FLOOR:
         return None
-    node = compose_config([f"method={'smt' if name == REFERENCE else name}"]).method
+    smt = name in ("smt", REFERENCE)
+    extra = [f"method.{o}" for o in bench.smt_overrides] if smt else []
+    try:
+        node = compose_config([f"method={'smt' if name == REFERENCE else name}", *extra]).method
+    except Exception as e:  # a mistyped override: Hydra's own message, in one line
+        raise UserError(f"bench.smt_overrides={list(bench.smt_overrides)}: {str(e).splitlines()[0]}") from None
     container = OmegaConf.to_container(node, resolve=True)
-    if name in ("smt", REFERENCE):
+    if smt:
         container["warmup_steps"] = int(bench.smt_warmup_steps)
     return container
 
@@ -64,6 +69,7 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
     from hydra.utils import instantiate
 
     from ..models import meta_shapes
+    from ..run import _build
 
     b = cfg.bench
     source = instantiate(cfg.model.source)
@@ -85,7 +91,7 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
         for frac in budgets:
             achieved = full.total_params if name == "full_ft" else 0
             if method_cfg is not None and name != "full_ft":
-                method = instantiate(OmegaConf.create(method_cfg), _convert_="all")
+                method = _build(OmegaConf.create(method_cfg), "method")  # bad values: UserError, one line
                 plan = method.plan(full, round(frac * full.total_params))
                 achieved = plan.achieved_params
                 facts["plans"][f"{name}@{frac}"] = {"achieved_params": achieved, **plan.detail}
