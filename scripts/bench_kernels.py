@@ -219,7 +219,6 @@ def main(argv=None) -> int:
                 b_eq = torch.randn(T, k * B, generator=gen).to(device=device, dtype=dtype)
                 eq_ms = measure(lambda: a_eq.t() @ b_eq, warmup, repeats)
                 rows.append(dict(base, op="wgrad", backend="dense_same_flops", ms=eq_ms, tflops=flops / eq_ms / 1e9))
-                del b_eq
 
                 candidates = {"torch": lambda: torch_ops.block_weight_grad(dy, x, rows_t, cols_t, B, validate=False)}
                 if triton_ops is not None:
