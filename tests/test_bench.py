@@ -82,6 +82,7 @@ def test_an_isolated_worker_is_a_process_of_its_own_with_the_fixed_mmap_threshol
 @pytest.mark.parametrize("overrides,message", [
     (["bench.methods=[smt,nope]"], "bench.methods: unknown ['nope']"),
     (["bench.layers=[1,3]"], "model tiny-llama has 2 layers"),
+    (["bench.layers=[1]"], "or [2] to measure it whole"),
     (["bench.steps=1"], "bench.steps=1 must be above bench.skip=1"),
     (["bench.budgets=[0]"], "bench.budgets=[0]: fractions in (0, 1]"),
     (["bench.analytic_only=[lisa]"], "bench.analytic_only=['lisa']"),
@@ -126,3 +127,28 @@ def test_extrapolation_is_linear_in_depth():
     assert fl["step_s_full"] == 1.0 + 0.5 * 31 and fl["peak_growth_bytes_full"] == 100 + 30 * 31
     assert ft["total_bytes_full"] == 4 * 1000 + 400 + 300 * 31
     assert fl["memory_to_full_ft"] == (4000 + 1030) / (4000 + 9700) and fl["step_to_floor"] == 1.0
+
+
+def test_one_depth_is_the_whole_model_measured_not_extrapolated():
+    from smt_bench.bench.report import markdown
+
+    def run(m, step, peak):
+        return {"method": m, "budget": None, "layers": 4, "median_step_s": step, "peak_bytes": peak,
+                "trainable_params": 0, "step_times_s": [step], "breakdown_bytes": dict.fromkeys(
+                    ("weights", "gradients", "optimizer", "activations"), peak)}
+
+    facts = {"model": "m", "depth": 4, "total_params": 1000, "plans": {}, "device": "cpu"}
+    summary, _ = summarize([run("floor", 2.0, 100), run("full_ft", 3.0, 700)], facts, ["floor", "full_ft"], [], [4])
+    fl, ft = summary["floor"], summary["full_ft"]
+    assert fl["step_s_full"] == 2.0 and ft["peak_growth_bytes_full"] == 700 and "per_layer_step_s" not in fl
+    assert ft["step_to_floor"] == 1.5 and fl["memory_to_full_ft"] == (4000 + 100) / (4000 + 700)
+    result = {"facts": facts, "summary": summary, "goals": {}, "runs": [], "command": "c", "config_hash": "h",
+              "memory_env": {"MALLOC_MMAP_THRESHOLD_": 65536},
+              "config": {"bench": {"layers": [4], "batch_size": 1, "seq_len": 8, "steps": 3, "skip": 1, "rounds": 1}},
+              "meta_info": {"device": {"name": "cpu", "torch_threads": 2}, "git": {"sha": "s", "dirty": False},
+                            "versions": {"torch": "t", "transformers": "t", "peft": "p"}}}
+    md = markdown(result)
+    assert "the whole model" in md and "extrapolated" not in md
+    row = next(l for l in md.splitlines() if l.startswith("| full_ft |"))
+    header = next(l for l in md.splitlines() if l.startswith("| method |"))
+    assert row.count("|") == header.count("|") and "| 3.000 | 1.500 |" in row

@@ -52,8 +52,9 @@ def check(cfg: DictConfig) -> None:
     bad = [m for m in b.methods if m not in METHODS]
     if bad:
         raise UserError(f"bench.methods: unknown {bad}; choose from {list(METHODS)}")
-    if len(b.layers) != 2 or not 0 < b.layers[0] < b.layers[1]:
-        raise UserError(f"bench.layers={list(b.layers)}: give two depths, the smaller first, e.g. [1,2]")
+    if not (len(b.layers) == 2 and 0 < b.layers[0] < b.layers[1] or len(b.layers) == 1 and b.layers[0] > 0):
+        raise UserError(f"bench.layers={list(b.layers)}: give two depths, the smaller first, e.g. [1,2], "
+                        "or the model's own depth alone")
     if b.steps <= b.skip or b.skip < 0:
         raise UserError(f"bench.steps={b.steps} must be above bench.skip={b.skip} (>= 0)")
     if any(not 0 < f <= 1 for f in b.budgets):
@@ -75,8 +76,9 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
     source = instantiate(cfg.model.source)
     full = meta_shapes(source.hf_config())
     depth = source.hf_config().num_hidden_layers
-    if b.layers[1] > depth:
-        raise UserError(f"bench.layers={list(b.layers)}: model {cfg.model.name} has {depth} layers")
+    if b.layers[-1] > depth or len(b.layers) == 1 and b.layers[0] != depth:
+        raise UserError(f"bench.layers={list(b.layers)}: model {cfg.model.name} has {depth} layers; "
+                        f"give two depths up to {depth} to extrapolate from, or [{depth}] to measure it whole")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if cfg.device == "auto" else str(cfg.device))
     if device.startswith("cuda") and not torch.cuda.is_available():

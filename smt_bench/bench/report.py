@@ -1,7 +1,8 @@
 """From worker measurements at two depths to full-depth figures, ratios, the goals, JSON and markdown.
 
 Extrapolation is linear in depth: x(D) = x(L1) + (x(L2) - x(L1)) / (L2 - L1) * (D - L1), for step time,
-peak memory growth and each measured memory part. Total memory at full depth = the fp32 base weights
+peak memory growth and each measured memory part; with one depth (the model's own) the figures are
+the measured ones. Total memory at full depth = the fp32 base weights
 (4 bytes x full-depth parameters, exact) + the extrapolated peak growth above them. The analytic state
 beside it is weights + gradients + AdamW's two moments, all fp32 (activations are measured only).
 """
@@ -23,6 +24,8 @@ def _key(method: str, budget) -> str:
 
 
 def _extrapolate(x1: float, x2: float, l1: int, l2: int, depth: int) -> float:
+    if l1 == l2:  # measured at full depth
+        return x1
     return x1 + (x2 - x1) / (l2 - l1) * (depth - l1)
 
 
@@ -33,7 +36,7 @@ def _median(rows, field):
 
 def summarize(runs: list[dict], facts: dict, methods: list[str], budgets: list[float],
               layers: list[int]) -> tuple[dict, dict]:
-    l1, l2 = layers
+    l1, l2 = layers[0], layers[-1]
     depth, n_full = facts["depth"], facts["total_params"]
     summary: dict[str, dict] = {}
     for m in methods:
@@ -66,9 +69,10 @@ def summarize(runs: list[dict], facts: dict, methods: list[str], budgets: list[f
                 a, b = per[l1], per[l2]
                 ext = lambda f: _extrapolate(a[f], b[f], l1, l2, depth)  # noqa: E731
                 s["step_s_full"] = ext("median_step_s")
-                s["per_layer_step_s"] = (b["median_step_s"] - a["median_step_s"]) / (l2 - l1)
                 s["peak_growth_bytes_full"] = ext("peak_bytes")
-                s["per_layer_peak_bytes"] = (b["peak_bytes"] - a["peak_bytes"]) / (l2 - l1)
+                if l2 > l1:
+                    s["per_layer_step_s"] = (b["median_step_s"] - a["median_step_s"]) / (l2 - l1)
+                    s["per_layer_peak_bytes"] = (b["peak_bytes"] - a["peak_bytes"]) / (l2 - l1)
                 s["total_bytes_full"] = 4 * n_full + s["peak_growth_bytes_full"]
                 s["breakdown_bytes_full"] = {p: _extrapolate(a["breakdown_bytes"][p], b["breakdown_bytes"][p], l1, l2,
                                                              depth) for p in PARTS}
@@ -120,7 +124,7 @@ def _f(x, fmt=".3f") -> str:
 
 def markdown(result: dict) -> str:
     f, cfg, meta = result["facts"], result["config"]["bench"], result["meta_info"]
-    l1, l2 = cfg["layers"]
+    depths = [int(L) for L in cfg["layers"]]
     dev = meta["device"]
     lines = [
         f"# Memory and speed per method — {f['model']} ({f['total_params'] / 1e9:.2f}B parameters, {f['depth']} layers), "
@@ -129,9 +133,11 @@ def markdown(result: dict) -> str:
         f"(dirty={meta['git']['dirty']}) · torch {meta['versions']['torch']}, transformers "
         f"{meta['versions']['transformers']}, peft {meta['versions']['peft']} · {dev.get('name')}, "
         f"{dev.get('torch_threads')} threads", "",
-        f"Measured at {l1} and {l2} decoder layers (random weights, batch {cfg['batch_size']} × {cfg['seq_len']} "
-        f"tokens, {cfg['steps']} steps of which the first {cfg['skip']} are left out of the median, "
-        f"{cfg['rounds']} round(s)), extrapolated linearly to {f['depth']} layers. Precision: "
+        ("Measured at " + " and ".join(map(str, depths)) + " decoder layers"
+         + (" (the whole model, random weights" if len(depths) == 1 else " (random weights") +
+         f", batch {cfg['batch_size']} × {cfg['seq_len']} tokens, {cfg['steps']} steps of which the first "
+         f"{cfg['skip']} are left out of the median, {cfg['rounds']} round(s))"
+         + ("" if len(depths) == 1 else f", extrapolated linearly to {f['depth']} layers") + ". Precision: ")
         + ("bf16 autocast over fp32 master weights and fp32 AdamW states." if f["device"].startswith("cuda") else
            "fp32.") +
         " Memory: " + ("the CUDA allocator's peak" if f["device"].startswith("cuda") else
@@ -141,18 +147,18 @@ def markdown(result: dict) -> str:
                        "not per-method figures)") +
         f" above the built model; total = fp32 base weights (4 B × {f['total_params']:,}) + that growth. "
         "Analytic = weights + gradients + AdamW moments in fp32, no activations.", "",
-        f"| method | trainable ({f['depth']} layers) | step {l1}L (s) | step {l2}L (s) | step {f['depth']}L (s) "
-        f"| step / floor | peak growth {l1}L / {l2}L (GiB) | total {f['depth']}L (GiB) | analytic {f['depth']}L (GiB) "
-        f"| memory / full FT |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        f"| method | trainable ({f['depth']} layers) | "
+        + "".join(f"step {L}L (s) | " for L in depths if L != f["depth"]) +
+        f"step {f['depth']}L (s) | step / floor | peak growth " + " / ".join(f"{L}L" for L in depths) +
+        f" (GiB) | total {f['depth']}L (GiB) | analytic {f['depth']}L (GiB) | memory / full FT |",
+        "|" + " --- |" * (9 + sum(L != f["depth"] for L in depths))]
     for key, s in result["summary"].items():
-        pd = s["per_depth"]
-        a, b = pd.get(str(l1)) or {}, pd.get(str(l2)) or {}
+        pd = [s["per_depth"].get(str(L)) or {} for L in depths]
         total = _gib(s["total_bytes_full"]) + ("" if s["measured"] else " (analytic: not measured)")
-        lines.append(f"| {key} | {s['trainable_params_full']:,} | {_f(a.get('median_step_s'))} | "
-                     f"{_f(b.get('median_step_s'))} | {_f(s.get('step_s_full'), '.2f')} | "
-                     f"{_f(s.get('step_to_floor'))} | {_gib(a.get('peak_bytes'))} / {_gib(b.get('peak_bytes'))} | "
-                     f"{total} | {_gib(s['analytic_total_bytes_full'])} | {_f(s.get('memory_to_full_ft'))} |")
+        steps = "".join(f"{_f(d.get('median_step_s'))} | " for L, d in zip(depths, pd) if L != f["depth"])
+        lines.append(f"| {key} | {s['trainable_params_full']:,} | {steps}{_f(s.get('step_s_full'), '.3f')} | "
+                     f"{_f(s.get('step_to_floor'))} | " + " / ".join(_gib(d.get("peak_bytes")) for d in pd) +
+                     f" | {total} | {_gib(s['analytic_total_bytes_full'])} | {_f(s.get('memory_to_full_ft'))} |")
     lines.append("")
     for key, s in result["summary"].items():
         extra = []
