@@ -127,6 +127,7 @@ def test_extrapolation_is_linear_in_depth():
     assert fl["step_s_full"] == 1.0 + 0.5 * 31 and fl["peak_growth_bytes_full"] == 100 + 30 * 31
     assert ft["total_bytes_full"] == 4 * 1000 + 400 + 300 * 31
     assert fl["memory_to_full_ft"] == (4000 + 1030) / (4000 + 9700) and fl["step_to_floor"] == 1.0
+    assert ft["step_to_floor_by_depth"] == {"1": 2.0, "2": 2.0}
 
 
 def test_one_depth_is_the_whole_model_measured_not_extrapolated():

@@ -92,6 +92,9 @@ def summarize(runs: list[dict], facts: dict, methods: list[str], budgets: list[f
             s["memory_to_full_ft"] = s["total_bytes_full"] / ft["total_bytes_full"]
         if floor and floor.get("measured") and s.get("measured"):
             s["step_to_floor"] = s["step_s_full"] / floor["step_s_full"]
+            # at each measured depth: one ratio of two medians, steadier than the extrapolated difference
+            s["step_to_floor_by_depth"] = {L: d["median_step_s"] / floor["per_depth"][L]["median_step_s"]
+                                           for L, d in s["per_depth"].items()}
     for frac in budgets:
         smt, lora, dora = (summary.get(_key(m, frac)) for m in ("smt", "lora", "dora"))
         tag = f"@{frac:g}"
@@ -162,6 +165,8 @@ def markdown(result: dict) -> str:
     lines.append("")
     for key, s in result["summary"].items():
         extra = []
+        if "step_to_floor_by_depth" in s and key != FLOOR:
+            extra.append("step / floor at " + ", ".join(f"{L}L {r:.3f}" for L, r in s["step_to_floor_by_depth"].items()))
         for k, label in (("step_to_lora", "step / LoRA"), ("step_to_full_ft", "step / full FT"),
                          ("flop_floor_to_full_ft", "FLOP floor (4+2d)/6"), ("memory_to_lora", "memory / LoRA"),
                          ("warmup_peak_to_train_peak", "warm-up peak / training peak")):
