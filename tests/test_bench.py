@@ -51,6 +51,8 @@ def test_every_method_at_two_depths_gives_a_full_depth_table(tmp_path):
     assert res["config_hash"] and res["meta_info"]["git"] and res["meta_info"]["versions"]["torch"]
     md = (tmp_path / "t.md").read_text()
     assert all(f"| {k} |" in md for k in res["summary"]) and "not per-method figures" in md
+    table = [l for l in md.splitlines() if l.startswith("|")]
+    assert len({l.count("|") for l in table}) == 1 and table[0].count("|") == 11, table[:2]
 
 
 def _bench_config(*overrides: str):
@@ -152,4 +154,5 @@ def test_one_depth_is_the_whole_model_measured_not_extrapolated():
     assert "the whole model" in md and "extrapolated" not in md
     row = next(l for l in md.splitlines() if l.startswith("| full_ft |"))
     header = next(l for l in md.splitlines() if l.startswith("| method |"))
-    assert row.count("|") == header.count("|") and "| 3.000 | 1.500 |" in row
+    sep = next(l for l in md.splitlines() if l.startswith("| --- "))
+    assert row.count("|") == header.count("|") == sep.count("|") == 9 and "| 3.00 | 1.500 |" in row

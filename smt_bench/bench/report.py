@@ -154,12 +154,12 @@ def markdown(result: dict) -> str:
         + "".join(f"step {L}L (s) | " for L in depths if L != f["depth"]) +
         f"step {f['depth']}L (s) | step / floor | peak growth " + " / ".join(f"{L}L" for L in depths) +
         f" (GiB) | total {f['depth']}L (GiB) | analytic {f['depth']}L (GiB) | memory / full FT |",
-        "|" + " --- |" * (9 + sum(L != f["depth"] for L in depths))]
+        "|" + " --- |" * (8 + sum(L != f["depth"] for L in depths))]
     for key, s in result["summary"].items():
         pd = [s["per_depth"].get(str(L)) or {} for L in depths]
         total = _gib(s["total_bytes_full"]) + ("" if s["measured"] else " (analytic: not measured)")
         steps = "".join(f"{_f(d.get('median_step_s'))} | " for L, d in zip(depths, pd) if L != f["depth"])
-        lines.append(f"| {key} | {s['trainable_params_full']:,} | {steps}{_f(s.get('step_s_full'), '.3f')} | "
+        lines.append(f"| {key} | {s['trainable_params_full']:,} | {steps}{_f(s.get('step_s_full'), '.2f')} | "
                      f"{_f(s.get('step_to_floor'))} | " + " / ".join(_gib(d.get("peak_bytes")) for d in pd) +
                      f" | {total} | {_gib(s['analytic_total_bytes_full'])} | {_f(s.get('memory_to_full_ft'))} |")
     lines.append("")
