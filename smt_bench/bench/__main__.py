@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -136,6 +138,7 @@ def app(cfg: DictConfig) -> None:
         print(f"smt-bench bench: error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     b = cfg.bench
+    started, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.monotonic()
     measured = [j for j in jobs if not j["analytic_only"]]
     runs: list[dict] = []
     for r in range(int(b.rounds)):
@@ -153,7 +156,7 @@ def app(cfg: DictConfig) -> None:
         "bench": "methods_at_shape", "config": container, "config_hash": provenance.config_hash(container),
         "command": " ".join(["python -m smt_bench.bench", *sys.argv[1:]]),
         "memory_env": {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD} if facts["device"] == "cpu" and b.isolate else {},
-        "facts": facts, "runs": runs, "meta_info": provenance.meta_info(torch.device(facts["device"])),
+        "started": started, "wall_s": round(time.monotonic() - t0, 1), "facts": facts, "runs": runs, "meta_info": provenance.meta_info(torch.device(facts["device"])),
     }
     result["summary"], result["goals"] = summarize(runs, facts, list(b.methods), list(b.budgets), list(b.layers))
     name = b.name or f"{cfg.model.name}-{facts['device'].split(':')[0]}"

@@ -135,7 +135,8 @@ def markdown(result: dict) -> str:
         f"Command: `{result['command']}` · config {result['config_hash']} · git {meta['git']['sha']} "
         f"(dirty={meta['git']['dirty']}) · torch {meta['versions']['torch']}, transformers "
         f"{meta['versions']['transformers']}, peft {meta['versions']['peft']} · {dev.get('name')}, "
-        f"{dev.get('torch_threads')} threads", "",
+        f"{dev.get('torch_threads')} threads"
+        + (f" · started {result['started']}, {result['wall_s'] / 60:.1f} min" if "wall_s" in result else ""), "",
         ("Measured at " + " and ".join(map(str, depths)) + " decoder layers"
          + (" (the whole model, random weights" if len(depths) == 1 else " (random weights") +
          f", batch {cfg['batch_size']} × {cfg['seq_len']} tokens, {cfg['steps']} steps of which the first "
