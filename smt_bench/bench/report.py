@@ -178,8 +178,10 @@ def markdown(result: dict) -> str:
             lines.append(f"- {key}: " + "; ".join(extra + errs))
     if result["goals"]:
         lines += ["", "Goals: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in result["goals"].items())]
-    for r in result["runs"]:
-        if r.get("profile_top"):
+    profiled = set()
+    for r in result["runs"]:  # one profile per (method, depth): the first round's
+        if r.get("profile_top") and (r["method"], r["layers"]) not in profiled:
+            profiled.add((r["method"], r["layers"]))
             lines += ["", f"Profile, one {r['method']} step at {r['layers']} layer(s) (self ms, %):", ""]
             lines += [f"- {k}: {n} calls, {ms} ms, {pct}%" for k, n, ms, pct in r["profile_top"][:10]]
     return "\n".join(lines) + "\n"
