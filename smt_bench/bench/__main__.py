@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -156,7 +156,8 @@ def app(cfg: DictConfig) -> None:
         "bench": "methods_at_shape", "config": container, "config_hash": provenance.config_hash(container),
         "command": " ".join(["python -m smt_bench.bench", *sys.argv[1:]]),
         "memory_env": {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD} if facts["device"] == "cpu" and b.isolate else {},
-        "started": started, "wall_s": round(time.monotonic() - t0, 1), "facts": facts, "runs": runs, "meta_info": provenance.meta_info(torch.device(facts["device"])),
+        "started": started, "wall_s": round(time.monotonic() - t0, 1), "facts": facts, "runs": runs,
+        "meta_info": provenance.meta_info(torch.device(facts["device"])),
     }
     result["summary"], result["goals"] = summarize(runs, facts, list(b.methods), list(b.budgets), list(b.layers))
     name = b.name or f"{cfg.model.name}-{facts['device'].split(':')[0]}"
