@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, BudgetUnreachable, UserError
 from .schema.store import CONF, register
 
 register()  # the config schema, before Hydra composes anything
@@ -55,6 +55,11 @@ def app(cfg: DictConfig) -> None:
 
     try:
         execute(cfg)
+    except BudgetUnreachable as e:
+        if not _multirun():
+            _fail(str(e))
+        print(f"smt-bench: skipped ({cfg.method.name} at budget {cfg.budget.fraction:g}): {e}", file=sys.stderr,
+              flush=True)  # the preflight allowed it: a sweep over methods, where this one cannot meet this point
     except UserError as e:
         _fail(str(e))
     except RunFailed as e:
@@ -128,15 +133,24 @@ def preflight(argv: list[str]) -> list:
         world_size = planned_world_size(argv)
     except (ConfigCompositionException, OverrideParseException) as e:
         _fail(error_line(e))
-    jobs = []
+    jobs, skipped = [], []
     varying = {o.split("=", 1)[0] for job in points for o in job if any(o not in other for other in points)}
     for job, cfg in zip(points, cfgs):
         swept = [o for o in job if o.split("=", 1)[0] in varying]  # what tells this job from the others
         try:
             prep = Prepared(cfg, world_size)
+        except BudgetUnreachable as e:
+            if "method" not in varying:  # one method's own budget list: a point it cannot meet is bad input
+                _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
+            skipped.append(f"sweep job {' '.join(swept)}: skipped: {e}")
+            continue
         except UserError as e:
             _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
         jobs.append((Job(swept, prep.path, finished(prep.path)), str(cfg.results.dir)))
+    if skipped and not jobs:
+        _fail(f"no job of the sweep can meet its budget; first: {skipped[0]}")
+    for line in skipped:  # a method x budget grid: a method that cannot meet a point skips it, loudly
+        print(f"smt-bench: {line}", file=sys.stderr, flush=True)
     return jobs
 
 

@@ -6,3 +6,8 @@ EXIT_RUN_FAILED = 1  # a run (or a job of a sweep) diverged, ran out of memory o
 
 class UserError(Exception):
     """A problem with the user's config, data or budget: the message names it and the fix."""
+
+
+class BudgetUnreachable(UserError):
+    """A budget this method cannot meet at its granularity (a LISA layer, a LoRA rank, an SMT block). In a
+    sweep over several methods that point is skipped for this method, and said so, instead of failing."""

@@ -9,8 +9,9 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -170,10 +171,21 @@ class LinearShape:
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """What budget planning needs: total parameter count N and every nn.Linear's shape."""
+    """What budget planning needs: total parameter count N and every nn.Linear's shape, plus the HF config
+    the model was built from, for methods that count on a meta-device copy (peft tuners, S2FT, LISA)."""
 
     total_params: int
     linears: tuple[LinearShape, ...]
+    hf_config: Any = field(default=None, compare=False, repr=False)
+
+    def meta_model(self) -> nn.Module:
+        """A fresh copy of the model on the meta device: shapes and module structure, no memory."""
+        from transformers import AutoModelForCausalLM
+
+        if self.hf_config is None:
+            raise ValueError("these shapes were made without the model's config")
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.hf_config)
 
     def select(self, suffixes) -> list[LinearShape]:
         suffixes = tuple(suffixes)
@@ -184,13 +196,9 @@ def shapes_of(model: nn.Module) -> ModelShapes:
     total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
     linears = tuple(LinearShape(n, m.out_features, m.in_features)
                     for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
-    return ModelShapes(total, linears)
+    return ModelShapes(total, linears, getattr(model, "config", None))
 
 
 def meta_shapes(hf_config) -> ModelShapes:
     """Shapes from a config alone: the model is built on the meta device (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    return shapes_of(model)
+    return shapes_of(ModelShapes(0, (), hf_config).meta_model())

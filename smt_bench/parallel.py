@@ -13,7 +13,7 @@ checkpoint or export reads the same whatever the world size was.
 from __future__ import annotations
 
 import inspect
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from .distributed import World
 
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = ("ddp", "fsdp2", "allreduce")
 
 
 class Single:
@@ -69,6 +69,32 @@ class DDP(Single):
 
     def accumulating(self, module: nn.Module, last: bool):
         return nullcontext() if last else module.no_sync()
+
+
+class AllReduce(Single):
+    """Every rank holds the whole model; after the last micro-batch the gradients of the parameters that
+    are trainable NOW are averaged over ranks. For methods whose trainable set changes during training
+    (LISA), which DDP cannot follow: it fixes its gradient buckets when it wraps the model."""
+
+    name = "allreduce"
+
+    def wrap(self, tuned) -> nn.Module:
+        self.tuned = tuned
+        return tuned.model
+
+    @contextmanager
+    def accumulating(self, module: nn.Module, last: bool):
+        yield
+        if last:
+            grads = [p.grad for p in self.tuned.trainable_parameters() if p.grad is not None]
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                self.world.all_reduce(flat)
+                flat /= self.world.world_size
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
 
 
 def _full(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
@@ -143,4 +169,4 @@ def _tied(model: nn.Module, name: str) -> bool:
 def strategy_for(method, world: World, device: torch.device) -> Single:
     if not world.distributed:
         return Single(world, device)
-    return {"ddp": DDP, "fsdp2": FSDP2}[method.parallel](world, device)
+    return {"ddp": DDP, "fsdp2": FSDP2, "allreduce": AllReduce}[method.parallel](world, device)

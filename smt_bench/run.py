@@ -100,7 +100,8 @@ class Prepared:
         self.container = OmegaConf.to_container(cfg, resolve=True)
         if self.world_size > 1:  # one process keeps the run ids it always had
             self.container["distributed"] = {"world_size": self.world_size}
-        self.run_id = provenance.config_hash(self.container)
+        self.run_id = provenance.config_hash({**self.container,
+                                              "method": self.method.identity(self.container["method"])})
         self.source = _build(cfg.model.source, "model")
         self.data = _build(cfg.data, "data")
         self.device = _device(cfg.device, self.world)
@@ -141,7 +142,7 @@ def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int
         with autocast_for(dev):
             return forward_loss(m, batch)
 
-    return Context(batches=batches, loss=loss, device=dev, world=world, accumulation=accumulation)
+    return Context(batches=batches, loss=loss, device=dev, world=world, accumulation=accumulation, seed=seed)
 
 
 def _command() -> str:

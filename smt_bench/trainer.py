@@ -148,6 +148,8 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
         for step in bar:
             _sync(device)
             t0 = time.perf_counter()
+            if tuned.begin_step(step, opt):  # the method changed its trainable set (LISA's layer switch)
+                params = tuned.trainable_parameters()
             step_loss, step_tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}

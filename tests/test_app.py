@@ -121,7 +121,7 @@ def test_cluster_combination_composes(compose):
     cfg = compose("hydra/launcher=slurm", "logger=wandb", "method=dora", "budget=sweep", "model=tiny-llama",
                   "seed=0", hydra=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 1
-    assert cfg.logger._target_.endswith("WandbLogger") and cfg.method.use_dora is True
+    assert cfg.logger._target_.endswith("WandbLogger") and cfg.method.args.use_dora is True
     assert cfg.results.group == "tiny-llama-bundled"
 
 

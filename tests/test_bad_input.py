@@ -96,22 +96,23 @@ CASES = {
                                     "train.batch_size=8"],
                          r"data=local has 3 training records, fewer than train\.batch_size=8; "),
     # --- method ------------------------------------------------------------------------------------
-    "unknown-method": (lambda t: [*TINY, "method=lorra"], r"unknown method 'lorra'; choose one of: dora, full_ft, lora"),
+    "unknown-method": (lambda t: [*TINY, "method=lorra"], r"unknown method 'lorra'; choose one of: dora, full_ft, lisa, lora"),
     "lr-zero": (lambda t: [*TINY, "method=lora", "method.lr=0"], r"method\.lr=0\.0: must be a number > 0"),
     "lr-negative-ft": (lambda t: [*TINY, "method=full_ft", "method.lr=-1e-5"], r"method\.lr=-1e-05: must be a number > 0"),
     "lr-text": (lambda t: [*TINY, "method=smt", "method.lr=fast"], r"method\.lr=fast: must be a number"),
     "weight-decay-negative": (lambda t: [*TINY, "method=dora", "method.weight_decay=-0.1"],
                               r"method\.weight_decay=-0\.1: must be a number >= 0"),
-    "dropout-one": (lambda t: [*TINY, "method=lora", "method.dropout=1.0"], r"method\.dropout=1\.0: must be a number in \[0, 1\)"),
-    "alpha-zero": (lambda t: [*TINY, "method=lora", "method.alpha_ratio=0"], r"method\.alpha_ratio=0\.0: must be a number > 0"),
+    "dropout-one": (lambda t: [*TINY, "method=lora", "method.args.lora_dropout=1.0"], r"method\.args\.lora_dropout=1\.0: must be a number in \[0, 1\)"),
+    "alpha-zero": (lambda t: [*TINY, "method=lora", "method.scaled_args.lora_alpha=0"],
+                   r"method\.scaled_args\.lora_alpha=0\.0: must be a number > 0 \(the ratio lora_alpha / r\)"),
     "targets-empty": (lambda t: [*TINY, "method=lora", "method.target_modules=[]"],
                       r"method\.target_modules=\[\]: must be a non-empty list of names"),
     "targets-unknown": (lambda t: [*TINY, "method=lora", "method.target_modules=[qproj]"],
                         r"method\.target_modules=\['qproj'\] matches no linear layer; choose from"),
-    "lora-named-dora": (lambda t: [*TINY, "method=lora", "method.use_dora=true"],
-                        r"method\.use_dora=true: must be false for method=lora; DoRA is method=dora"),
+    "lora-named-dora": (lambda t: [*TINY, "method=lora", "method.args.use_dora=true"],
+                        r"method\.args\.use_dora=true: must be false \(with LoraConfig\) for method=lora; DoRA is method=dora"),
     "unreachable-rank": (lambda t: [*TINY, "method=lora", "budget.fraction=0.05"],
-                         r"budget of 160,989 params is unreachable for lora .* valid ranks 1\.\.32"),
+                         r"budget of 160,989 params is unreachable for lora .* valid r 1\.\.32"),
     "smt-block-zero": (lambda t: [*SMT, "method.block_size=0"], r"method\.block_size=0: must be an integer >= 1"),
     "smt-block-too-small": (lambda t: [*SMT, "method.block_size=8"],
                             r"no block size <= method\.block_size=8 divides the eligible matrices \(dimensions "
@@ -204,8 +205,11 @@ CASES = {
     "sweep-one-bad-value": (lambda t: ["-m", *TINY, "train.max_steps=2,0"],
                             r"sweep job train\.max_steps=0: train\.max_steps=0: must be an integer >= 1"),
     "sweep-one-bad-seed": (lambda t: ["-m", *TINY, "seed=0,1,-1"], r"sweep job seed=-1: seed=-1: must be an integer"),
-    "sweep-one-bad-method": (lambda t: ["-m", *TINY, "method=lora,smt", "method.lr=1e-4", "budget.fraction=0.01"],
-                             r"sweep job method=smt: budget of 32,198 params needs 31 blocks"),
+    "sweep-one-bad-method": (lambda t: ["-m", *TINY, "method=lora,smt", "method.lr=-1", "budget.fraction=0.01"],
+                             r"sweep job method=lora: method\.lr=-1\.0: must be a number > 0"),
+    "sweep-no-method-reaches": (lambda t: ["-m", *TINY, "method=lisa,smt", "budget.fraction=0.9"],
+                                r"no job of the sweep can meet its budget; first: sweep job method=lisa: skipped: "
+                                r"budget of 2,897,798 params is unreachable for lisa"),
 }
 
 

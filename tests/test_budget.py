@@ -1,8 +1,8 @@
-"""Budget matching: LoRA/DoRA pick the rank whose REAL trainable count (numel of requires_grad
+"""Budget matching: LoRA/DoRA (the generic peft tuner) pick the rank whose REAL trainable count (numel of requires_grad
 parameters after prepare) is closest to the target; unreachable budgets fail with a UserError.
 
 The reference counts here come from peft itself (models prepared on the meta device, or the real
-tiny-llama), never from LoRA.count(), so a wrong formula in the method cannot pass.
+tiny-llama), never from PeftTuner.count(), so a wrong formula in the method cannot pass.
 """
 from functools import lru_cache
 
@@ -13,14 +13,15 @@ from transformers import AutoModelForCausalLM
 from smt_bench.errors import UserError
 from smt_bench.methods.base import Plan
 from smt_bench.methods.full_ft import FullFT
-from smt_bench.methods.peft_methods import LoRA
+from smt_bench.methods.peft_methods import PeftTuner
 from smt_bench.models import SmolLM2GGUF, TinyLlama, meta_shapes, shapes_of
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
-def _method(kind: str) -> LoRA:
-    return LoRA(name=kind, lr=1e-4, target_modules=list(TARGETS), use_dora=kind == "dora")
+def _method(kind: str) -> PeftTuner:
+    return PeftTuner(name=kind, lr=1e-4, target_modules=list(TARGETS), scaled_args={"lora_alpha": 2.0},
+                     args={"lora_dropout": 0.05, "use_dora": kind == "dora", "bias": "none"})
 
 
 def _n_trainable(model) -> int:
@@ -37,7 +38,7 @@ def _peft_count(model: str, kind: str, rank: int) -> int:
     """Trainable numel after prepare() at this rank, on a meta-device copy of the model."""
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(_hf_config(model))
-    prepared = _method(kind).prepare(base, Plan(0, 0, {"rank": rank}), None).model
+    prepared = _method(kind).prepare(base, Plan(0, 0, {"r": rank}), None).model
     return _n_trainable(prepared)
 
 
@@ -82,8 +83,8 @@ def test_tiny_llama_plan_is_the_closest_real_count(kind, fraction, tiny_llama):
     counts = {r: _peft_count("tiny-llama", kind, r) for r in range(1, _max_rank(shapes) + 1)}
     best = min(abs(c - target) for c in counts.values())
     assert abs(real - target) == best
-    assert counts[plan.detail["rank"]] == real
-    assert plan.detail["lora_alpha"] == 2.0 * plan.detail["rank"]
+    assert counts[plan.detail["r"]] == real
+    assert plan.detail["lora_alpha"] == 2.0 * plan.detail["r"]
 
 
 def test_dora_counts_its_magnitude_vectors():
@@ -95,15 +96,15 @@ def test_dora_counts_its_magnitude_vectors():
         assert _method("dora").count(shapes, rank) == _peft_count("tiny-llama", "dora", rank)
     # same target, same shapes: DoRA's rank is lower or equal, because the magnitudes use budget too
     target = round(0.01 * shapes.total_params)
-    assert _method("dora").plan(shapes, target).detail["rank"] < _method("lora").plan(shapes, target).detail["rank"]
+    assert _method("dora").plan(shapes, target).detail["r"] < _method("lora").plan(shapes, target).detail["r"]
 
 
 @pytest.mark.parametrize("kind,fraction,why", [
-    ("lora", 0.02, "rank would be 45.74"),    # 64,396 > 45,056 at rank 32
-    ("lora", 0.05, "valid ranks 1..32"),
-    ("lora", 0.0001, "rank would be 0.23"),   # 322 params: less than half a rank
-    ("dora", 0.0002, "rank would be 0.00"),   # 644 params: the 640 magnitudes alone nearly fill it
-    ("dora", 0.00005, "rank would be -0.34"),  # below the magnitudes
+    ("lora", 0.02, "r would be 45.74"),    # 64,396 > 45,056 at rank 32
+    ("lora", 0.05, "valid r 1..32"),
+    ("lora", 0.0001, "r would be 0.23"),   # 322 params: less than half a rank
+    ("dora", 0.0002, "r would be 0.00"),   # 644 params: the 640 magnitudes alone nearly fill it
+    ("dora", 0.00005, "r would be -0.34"),  # below the magnitudes
 ])
 def test_unreachable_budget_is_a_user_error(kind, fraction, why):
     shapes = meta_shapes(TinyLlama().hf_config())
@@ -119,7 +120,7 @@ def test_unreachable_budget_is_a_user_error(kind, fraction, why):
 
 def test_target_modules_matching_nothing_is_a_user_error():
     shapes = meta_shapes(TinyLlama().hf_config())
-    m = LoRA(name="lora", lr=1e-4, target_modules=["qkv_proj"])
+    m = PeftTuner(name="lora", lr=1e-4, target_modules=["qkv_proj"])
     with pytest.raises(UserError, match=r"matches no linear layer; choose from \['down_proj', 'gate_proj', "
                                         r"'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]"):
         m.plan(shapes, 10_000)
@@ -157,7 +158,7 @@ def test_smollm2_meta_shapes(smol_shapes):
 def test_smollm2_plan_is_the_closest_real_count(kind, fraction, smol_shapes):
     target = round(fraction * smol_shapes.total_params)
     plan = _method(kind).plan(smol_shapes, target)
-    rank = plan.detail["rank"]
+    rank = plan.detail["r"]
     # peft's count is affine in the rank: fix it from ranks 1 and 2, check it at the plan and at the
     # largest rank, then search every rank 1..192 for the closest
     c1, c2 = _peft_count("smollm2-135m", kind, 1), _peft_count("smollm2-135m", kind, 2)
@@ -176,5 +177,5 @@ def test_smollm2_plan_is_the_closest_real_count(kind, fraction, smol_shapes):
 ])
 def test_smollm2_unreachable_budget(kind, fraction, ideal, smol_shapes):
     target = round(fraction * smol_shapes.total_params)
-    with pytest.raises(UserError, match=rf"unreachable .* rank would be {ideal}, valid ranks 1\.\.192"):
+    with pytest.raises(UserError, match=rf"unreachable .* r would be {ideal}, valid r 1\.\.192"):
         _method(kind).plan(smol_shapes, target)

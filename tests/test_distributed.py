@@ -116,7 +116,7 @@ def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     one, two, maps = root / "one", root / "two", root / "maps"
     ckpt = ["train.checkpoint_every=4"]
-    runs = [(["-m", "method=full_ft,smt"], "term:6"), (["method=lora", "method.dropout=0"], "kill:6")]
+    runs = [(["-m", "method=full_ft,smt"], "term:6"), (["method=lora", "method.args.lora_dropout=0"], "kill:6")]
     stopped, resumed = {}, []
     for args, fault in runs:
         p = _launch(root / "cwd", [*BASE, *args, "train.grad_accum=2", f"results.dir={one}"])

@@ -1,6 +1,6 @@
-"""Each method trains tiny-llama for 20 steps through the shared trainer: the loss falls, LoRA/DoRA
-leave every base weight bit-identical, full FT changes every tensor, and merging LoRA/DoRA gives the
-adapter model's logits."""
+"""Each method trains tiny-llama for 20 steps through the shared trainer: the loss falls, its trainable
+count is the plan's, exactly the tensors it trains change (every other one stays bit-identical; full FT
+changes every tensor), and its merged plain model gives the tuned model's logits."""
 import copy
 import math
 
@@ -17,8 +17,14 @@ from smt_bench.trainer import train
 
 STEPS = 20
 # higher than the configs' defaults so that 20 steps on a random model move the loss clearly
-LR = {"full_ft": 1e-3, "lora": 1e-2, "dora": 1e-2}
-FRACTION = 0.005  # tiny-llama: rank 11 (LoRA 15,488 / DoRA 16,128 trainable)
+LR = {"full_ft": 1e-3, "lisa": 1e-3, "lora": 1e-2, "dora": 1e-2, "pissa": 1e-2, "rslora": 1e-2, "shira": 1e-2,
+      "miss": 1e-2, "s2ft": 1e-2}
+PEFT = ("lora", "dora", "pissa", "rslora", "shira", "miss")
+# tiny-llama: rank 11 (LoRA 15,488 / DoRA 16,128 trainable); LISA: one of the 2 layers (36,992)
+FRACTION = {"lisa": 0.0115}
+TRAINED_BY = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+              "pissa": ("lora_A", "lora_B"), "rslora": ("lora_A", "lora_B"), "shira": ("shira_weight",),
+              "miss": ("miss_block",), "s2ft": ("delta",)}
 
 
 class _Recorder(NullLogger):
@@ -38,21 +44,23 @@ def examples(tokenizer):
     return train_ex, collate(val_ex, tokenizer.pad_token_id)
 
 
-@pytest.fixture(scope="module", params=["full_ft", "lora", "dora"])
+@pytest.fixture(scope="module", params=list(LR))
 def trained(request, _tiny_llama_pristine, tokenizer, examples, compose):
-    """(name, Tuned, tuned model, {name: (live parameter, copy before training)}, train_info)."""
+    """(name, Tuned, tuned model, {name: (live parameter, copy after prepare)}, train_info)."""
     name = request.param
-    cfg = compose("model=tiny-llama", f"method={name}", f"method.lr={LR[name]}", f"budget.fraction={FRACTION}",
+    fraction = FRACTION.get(name, 0.005)
+    cfg = compose("model=tiny-llama", f"method={name}", f"method.lr={LR[name]}", f"budget.fraction={fraction}",
                   f"train.max_steps={STEPS}", "train.batch_size=4", "train.max_len=128", "train.warmup_ratio=0",
                   "train.eval_every=10", "train.log_every=5")
     method = instantiate(cfg.method, _convert_="all")
     assert method.name == name and method.lr == LR[name]
     model = copy.deepcopy(_tiny_llama_pristine[0])
-    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     shapes = shapes_of(model)
-    plan = method.plan(shapes, round(FRACTION * shapes.total_params))
+    plan = method.plan(shapes, round(fraction * shapes.total_params))
     torch.manual_seed(0)
     tuned = method.prepare(model, plan, None)
+    assert sum(p.numel() for p in tuned.trainable_parameters()) == plan.achieved_params
+    before = {n: (p, p.detach().clone()) for n, p in tuned.model.named_parameters()}
     train_ex, val_batch = examples
     logger = _Recorder()
     info = train(tuned, BatchStream(train_ex, 4, tokenizer.pad_token_id, seed=0), [val_batch], cfg.train,
@@ -81,25 +89,53 @@ def test_trainer_accounts_trainable_memory(trained):
     assert n == info["_plan"].achieved_params
     mem = info["memory_breakdown_bytes"]
     assert mem["gradients"] == 4 * n            # fp32 gradient per trainable parameter
-    assert mem["optimizer"] == 8 * n            # AdamW: exp_avg + exp_avg_sq
-    assert mem["weights"] >= 4 * (shapes_of(model).total_params if name == "full_ft" else 3_219_776 + n)
+    assert mem["optimizer"] == 8 * n            # AdamW: exp_avg + exp_avg_sq (LISA: only the active layer's)
+    whole = name in ("full_ft", "lisa")  # they train the model's own tensors; the others add theirs
+    assert mem["weights"] >= 4 * (3_219_776 + (0 if whole else n))
     assert mem["activations"] > 0
     assert info["tokens"] > 0 and info["median_step_time_s"] > 0
 
 
-def test_base_weights(trained):
-    name, _, model, before, _ = trained
+def _trained_names(name, tuned, model) -> set[str]:
+    """The parameters the method trains (LISA: the layers it drew at some point)."""
+    names = {n for n, _ in model.named_parameters()}
+    if name == "full_ft":
+        return names
+    if name == "lisa":
+        drawn = {i for d in tuned.report()["active_layers"] for i in d["layers"]}
+        return {n for n in names if any(n.startswith(f"model.layers.{i}.") for i in drawn)}
+    return {n for n in names if any(part in TRAINED_BY[name] for part in n.split("."))}
+
+
+def test_exactly_the_trained_tensors_change(trained):
+    name, tuned, model, before, _ = trained
     live = {id(p) for p in model.parameters()}
-    assert len(before) == 2 * 9 + 2  # 9 weights per layer (7 linears + 2 norms), embedding, final norm
+    trains = _trained_names(name, tuned, model)
+    assert trains and len(trains) < len(before) or name == "full_ft"
     for n, (p, old) in before.items():
         assert id(p) in live, f"{n} is no longer part of the model"
-        if name == "full_ft":
-            assert p.requires_grad and not torch.equal(p, old), f"full FT left {n} unchanged"
+        if n in trains:
+            assert not torch.equal(p, old), f"{name} left its trainable {n} unchanged"
         else:
-            assert not p.requires_grad and torch.equal(p, old), f"{name} changed base weight {n}"
-    if name != "full_ft":  # the adapters did train: lora_B starts at zero
-        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-        assert len(lora_b) == 10 and all(p.abs().max() > 0 for p in lora_b)
+            assert not p.requires_grad and torch.equal(p, old), f"{name} changed frozen weight {n}"
+    if name == "full_ft":
+        assert len(before) == 2 * 9 + 2  # 9 weights per layer (7 linears + 2 norms), embedding, final norm
+
+
+def test_pissa_rewrites_the_base_but_not_the_function(_tiny_llama_pristine, examples):
+    """PiSSA's init moves the principal part of each target into the adapter: W_res + BA = W."""
+    from smt_bench.methods.peft_methods import PeftTuner
+
+    _, val_batch = examples
+    inputs = {k: val_batch[k] for k in ("input_ids", "attention_mask")}
+    base = copy.deepcopy(_tiny_llama_pristine[0]).eval()
+    m = PeftTuner(name="pissa", lr=1e-3, args={"init_lora_weights": "pissa"}, scaled_args={"lora_alpha": 1.0})
+    tuned = m.prepare(copy.deepcopy(base), m.plan(shapes_of(base), 15_000), None)
+    q = tuned.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert not torch.equal(q.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert tuned.report() == {"base_rewritten_at_init": True}
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.model.eval()(**inputs).logits, base(**inputs).logits, rtol=0, atol=1e-4)
 
 
 def test_merged_model_gives_the_adapter_logits(trained, _tiny_llama_pristine, examples):
@@ -112,15 +148,15 @@ def test_merged_model_gives_the_adapter_logits(trained, _tiny_llama_pristine, ex
         tuned = model(**inputs).logits
         base = copy.deepcopy(_tiny_llama_pristine[0]).eval()(**inputs).logits
         merged = tuned_model.merged()
-        if name == "full_ft":
+        if name in ("full_ft", "lisa"):  # they train the model's own tensors
             assert merged is model
             return
         assert type(merged) is LlamaForCausalLM
-        assert not any("lora" in n for n, _ in merged.named_modules())
+        assert all(type(m).__module__.startswith(("torch.", "transformers.")) for m in merged.modules())
         assert sum(p.numel() for p in merged.parameters()) == 3_219_776
         after = merged.eval()(**inputs).logits
     # the check can fail: the tuned logits are far from the base model's (about 1.6 here)
     assert (tuned - base).abs().max() > 0.5
-    # fp32 merge: W + s*B@A (DoRA: rescaled by magnitude / column norm) -> only rounding differences
-    # (about 8e-7 here); tolerance atol 1e-5, rtol 0
+    # fp32 merge: W + s*B@A (DoRA: rescaled by magnitude / column norm; S2FT: W[:, S] + D) -> only
+    # rounding differences (about 8e-7 here); tolerance atol 1e-5, rtol 0
     torch.testing.assert_close(after, tuned, rtol=0, atol=1e-5)

@@ -88,11 +88,11 @@ def test_config_pickles_with_its_schema_types(compose):
 
 def test_a_method_built_in_python_is_checked_the_same_way():
     from smt_bench.errors import UserError
-    from smt_bench.methods.peft_methods import LoRA
+    from smt_bench.methods.peft_methods import PeftTuner
     from smt_bench.methods.smt import SMT
 
     with pytest.raises(UserError, match=r"^method\.lr=-0\.1: must be a number > 0$"):
-        LoRA(name="lora", lr=-0.1)
+        PeftTuner(name="lora", lr=-0.1)
     with pytest.raises(UserError, match=r"^method\.attn_share=0\.3: must be null unless method\.selection=attn_mlp"):
         SMT(name="smt", lr=1e-4, attn_share=0.3)
     m = SMT(name="smt", lr=1e-4, selection="attn_mlp", attn_share=0.3)

@@ -36,14 +36,15 @@ class Plan:
 class Context:
     """What a method may use while it prepares: its own batch stream (seeded apart from the training
     stream, so training batches do not depend on the method, and this rank's share of it), the loss,
-    the device and the process group (anything that decides, like SMT's block selection, is reduced
-    across ranks first). One step of it is `accumulation` batches on every rank: the global batch."""
+    the device, the process group (anything that decides, like SMT's block selection, is reduced
+    across ranks first) and the run's seed. One step of it is `accumulation` batches on every rank: the global batch."""
 
     batches: Callable[[int], Iterator[dict]]
     loss: Callable[[nn.Module, dict], torch.Tensor]
     device: torch.device
     world: World = field(default_factory=World)
     accumulation: int = 1  # micro-batches per rank in one optimizer step (train.grad_accum)
+    seed: int = 0  # the run's seed, for a method's own random choices (S2FT's selection, LISA's layers)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class Method:
 
     def __post_init__(self):
         check_fields(self, "method")
+
+    def identity(self, node: dict) -> dict:
+        """The method's config as its run id hashes it (a method that moved classes keeps its ids)."""
+        return node
 
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
         raise NotImplementedError
@@ -89,6 +94,11 @@ class Tuned:
     def build_optimizer(self, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.method.lr, betas=tuple(betas), eps=eps,
                                  weight_decay=self.method.weight_decay, foreach=True)
+
+    def begin_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """Called before each optimizer step (1-based, also the first after a resume); True when the set of
+        trainable parameters changed (LISA samples new layers every K steps). Default: it never does."""
+        return False
 
     # --- checkpoints ---
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:

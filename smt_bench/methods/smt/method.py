@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...errors import UserError
+from ...errors import BudgetUnreachable, UserError
 from ...kernels import BACKENDS
 from ...kernels.torch_ops import TRITON_BLOCK_SIZES
 from ...models import ModelShapes
@@ -79,10 +79,10 @@ class SMT(Method):
         k = round(target_params / B2)
         total = sum(m.d_out * m.d_in for m in mats) // B2
         if k < 1:
-            raise UserError(f"budget of {target_params:,} params is below one {B}x{B} block; raise the budget "
+            raise BudgetUnreachable(f"budget of {target_params:,} params is below one {B}x{B} block; raise the budget "
                             f"or lower method.block_size")
         if k > total:
-            raise UserError(f"budget of {target_params:,} params needs {k} blocks but {list(self.projections)} have "
+            raise BudgetUnreachable(f"budget of {target_params:,} params needs {k} blocks but {list(self.projections)} have "
                             f"only {total} blocks of {B}x{B}; lower the budget or add method.projections")
         return Plan(target_params, k * B2, {"block_size": B, "blocks": k, "eligible_blocks": total,
                                             "eligible_params": total * B2})

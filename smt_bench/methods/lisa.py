@@ -1,0 +1,143 @@
+"""LISA (Pan et al. 2024, LMFlow): layerwise importance sampling. Every K steps γ decoder layers, drawn
+uniformly without replacement, train whole; the others are frozen and hold neither gradients nor
+optimizer state (a layer's Adam moments are freed when it leaves the active set; drawn again, it starts
+afresh). The budget is the trainable count at any step: γ layers.
+
+LISA's own default also trains the embeddings and the head at every step (`train_embeddings`); off
+here, since on SmolLM2 the (tied) embedding alone is ≈ 21% of the model and no small budget could be
+met. The draws depend only on (seed, period), so a resumed run draws the same layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import BudgetUnreachable, UserError
+from ..models import ModelShapes
+from ..schema.spec import count, optional, param
+from .base import Context, Method, Plan, Tuned
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList of the class transformers names unsplittable."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(type(c).__name__ in blocks for c in m):
+            return m
+    raise UserError(f"{type(model).__name__} has no list of decoder layers LISA could sample from")
+
+
+def _always(model: nn.Module) -> list[nn.Parameter]:
+    """Input embedding and head, once each (tied in SmolLM2)."""
+    out = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+           for p in m.parameters()}
+    return list(out.values())
+
+
+@dataclass(frozen=True)
+class LISA(Method):
+    switch_every: int = param(20, count(1))  # K: steps between draws (LMFlow's lisa_interval_steps)
+    train_embeddings: bool = False  # LISA's default: true (embeddings and head train at every step)
+    sampling_seed: Optional[int] = param(None, optional(count(0), "(the run's seed)"))
+    parallel: ClassVar[str] = "allreduce"  # the trainable set changes; DDP fixes its buckets at wrap time
+
+    def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
+        model = shapes.meta_model()
+        layers = decoder_layers(model)
+        sizes = {sum(p.numel() for p in layer.parameters()) for layer in layers}
+        if len(sizes) != 1:
+            raise UserError(f"LISA needs decoder layers of one size; this model's are {sorted(sizes)}")
+        per_layer = sizes.pop()
+        fixed = sum(p.numel() for p in _always(model)) if self.train_embeddings else 0
+        ideal = (target_params - fixed) / per_layer
+        gamma = min(range(1, len(layers) + 1), key=lambda g: abs(fixed + g * per_layer - target_params))
+        if ideal < 0.5 or ideal > len(layers) + 0.5:
+            emb = f" plus {fixed:,} of embeddings and head" if fixed else ""
+            raise BudgetUnreachable(f"budget of {target_params:,} params is unreachable for {self.name}: γ would be "
+                            f"{ideal:.2f} layers of {per_layer:,} params{emb}; valid γ 1..{len(layers)} give "
+                            f"{fixed + per_layer:,}..{fixed + len(layers) * per_layer:,} params; choose another "
+                            f"budget" + ("" if fixed else " or method.train_embeddings=true for more"))
+        return Plan(target_params, fixed + gamma * per_layer,
+                    {"layers": gamma, "num_layers": len(layers), "per_layer_params": per_layer,
+                     "embedding_params": fixed, "switch_every": self.switch_every})
+
+    def prepare(self, model: nn.Module, plan: Plan, context: Context | None) -> "LISATuned":
+        seed = self.sampling_seed if self.sampling_seed is not None else (context.seed if context else 0)
+        return LISATuned(self, model, plan.detail["layers"], seed)
+
+
+class LISATuned(Tuned):
+    def __init__(self, method: LISA, model: nn.Module, gamma: int, seed: int):
+        super().__init__(method, model)
+        self.layers = decoder_layers(model)
+        self.gamma, self.seed = gamma, seed
+        self.always = _always(model) if method.train_embeddings else []
+        self.active: tuple[int, ...] = ()
+        self.draws: dict[int, list[int]] = {}  # period -> its layers (period p covers steps pK+1 .. (p+1)K)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in self.always:
+            p.requires_grad_(True)
+        self._activate(0)
+
+    def draw(self, period: int) -> tuple[int, ...]:
+        rng = np.random.default_rng([self.seed, period])
+        return tuple(sorted(int(i) for i in rng.choice(len(self.layers), self.gamma, replace=False)))
+
+    def _activate(self, period: int) -> list[nn.Parameter]:
+        """Makes the period's layers trainable; returns the parameters that stopped training."""
+        want = self.draw(period)
+        self.draws[period] = list(want)
+        leaving = [p for i in set(self.active) - set(want) for p in self.layers[i].parameters()]
+        for p in leaving:
+            p.requires_grad_(False)
+            p.grad = None
+        for i in want:
+            for p in self.layers[i].parameters():
+                p.requires_grad_(True)
+        self.active = want
+        return leaving
+
+    def begin_step(self, step: int, optimizer) -> bool:
+        period = (step - 1) // self.method.switch_every
+        if self.draw(period) == self.active:
+            self.draws[period] = list(self.active)
+            return False
+        for p in self._activate(period):
+            optimizer.state.pop(p, None)  # only active layers hold Adam moments
+        return True
+
+    def candidates(self) -> list[nn.Parameter]:
+        return [*self.always, *self.layers.parameters()]
+
+    def build_optimizer(self, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
+        """Over every layer that may be drawn: AdamW skips (and holds no state for) those without a gradient."""
+        return torch.optim.AdamW(self.candidates(), lr=self.method.lr, betas=tuple(betas), eps=eps,
+                                 weight_decay=self.method.weight_decay, foreach=True)
+
+    # --- checkpoints: every layer may have trained by now ---
+    def _names(self) -> dict[str, nn.Parameter]:
+        ids = {id(p) for p in self.candidates()}
+        return {n: p for n, p in self.model.named_parameters() if id(p) in ids}
+
+    def state_dict(self):
+        return ({n: p.detach() for n, p in self._names().items()},
+                {"draws": {str(k): v for k, v in self.draws.items()}, "seed": self.seed, "layers": self.gamma})
+
+    def load_state_dict(self, tensors, meta) -> None:
+        params = self._names()
+        if set(tensors) != set(params) or meta.get("seed") != self.seed or meta.get("layers") != self.gamma:
+            raise ValueError(f"checkpoint does not match this {self.method.name} run (seed {meta.get('seed')}, "
+                             f"γ {meta.get('layers')}; tensors {sorted(set(tensors) ^ set(params))[:3]})")
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+        self.draws.update({int(k): v for k, v in meta["draws"].items()})
+
+    def report(self) -> dict[str, Any]:
+        k = self.method.switch_every
+        return {"active_layers": [{"from_step": p * k + 1, "layers": layers} for p, layers in sorted(self.draws.items())]}
