@@ -1,4 +1,4 @@
-"""torchrun with 2 CPU processes (gloo): DDP for LoRA and SMT, FSDP2 for full FT.
+"""torchrun with 2 CPU processes (gloo): DDP for LoRA and SMT, FSDP2 for full FT, gradient all-reduce for LISA.
 
 The contract: 2 ranks × batch 4 train the run that 1 process trains with batch 4 × grad_accum 2 (the
 same 8 sequences per step, each micro-batch's loss a mean over its own tokens). With DDP the curves are
@@ -116,7 +116,8 @@ def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     one, two, maps = root / "one", root / "two", root / "maps"
     ckpt = ["train.checkpoint_every=4"]
-    runs = [(["-m", "method=full_ft,smt"], "term:6"), (["method=lora", "method.args.lora_dropout=0"], "kill:6")]
+    runs = [(["-m", "method=full_ft,smt"], "term:6"), (["method=lora", "method.args.lora_dropout=0"], "kill:6"),
+            (["method=lisa", "budget.fraction=0.0115", "method.switch_every=3"], "term:5")]
     stopped, resumed = {}, []
     for args, fault in runs:
         p = _launch(root / "cwd", [*BASE, *args, "train.grad_accum=2", f"results.dir={one}"])
@@ -135,7 +136,8 @@ def test_a_stopped_2_rank_run_resumes_where_its_checkpoint_left_off(compared):
     _, two, _, stopped, out = compared
     assert stopped["full_ft"]["status"] == "preempted" and stopped["full_ft"]["checkpoint_step"] == 6
     assert stopped["lora"]["status"] == "running" and stopped["lora"]["checkpoint_step"] == 4  # kill -9: heartbeat
-    for method, step in (("full_ft", 6), ("lora", 4)):
+    assert stopped["lisa"]["status"] == "preempted" and stopped["lisa"]["checkpoint_step"] == 5
+    for method, step in (("full_ft", 6), ("lora", 4), ("lisa", 5)):
         path, res = two[method]
         assert f"resuming {path.name} from its checkpoint at step {step}" in out
         assert res["train_info"]["resumed_from_step"] == step and not path.with_suffix(".ckpt").exists()
@@ -153,6 +155,17 @@ def test_ddp_on_2_ranks_is_bitwise_the_run_of_1_process_with_the_same_global_bat
     assert a["train_info"]["tokens"] == b["train_info"]["tokens"]  # the same sequences
     _same_run(a, b, _weights(pa), _weights(pb))
     assert pa.name != pb.name  # the world size is part of the run's identity
+
+
+def test_lisa_on_2_ranks_is_bitwise_the_run_of_1_process(compared):
+    """All-reduce of the layers active at each step (DDP cannot follow a changing trainable set); its 2-rank
+    run was preempted at step 5, in the middle of its second draw, and resumed with that draw's Adam state."""
+    one, two, *_ = compared
+    (pa, a), (pb, b) = one["lisa"], two["lisa"]
+    assert b["train_info"]["distributed"]["strategy"] == "allreduce"
+    draws = a["method_info"]["active_layers"]
+    assert [d["from_step"] for d in draws] == [1, 4, 7] and draws == b["method_info"]["active_layers"]
+    _same_run(a, b, _weights(pa), _weights(pb))
 
 
 def test_fsdp2_full_ft_on_2_ranks_matches_1_process_within_tolerance(compared):

@@ -90,8 +90,10 @@ class LISATuned(Tuned):
 
     def _activate(self, period: int) -> list[nn.Parameter]:
         """Makes the period's layers trainable; returns the parameters that stopped training."""
-        want = self.draw(period)
-        self.draws[period] = list(want)
+        self.draws[period] = list(self.draw(period))
+        return self._set_active(self.draw(period))
+
+    def _set_active(self, want: tuple[int, ...]) -> list[nn.Parameter]:
         leaving = [p for i in set(self.active) - set(want) for p in self.layers[i].parameters()]
         for p in leaving:
             p.requires_grad_(False)
@@ -99,7 +101,7 @@ class LISATuned(Tuned):
         for i in want:
             for p in self.layers[i].parameters():
                 p.requires_grad_(True)
-        self.active = want
+        self.active = tuple(want)
         return leaving
 
     def begin_step(self, step: int, optimizer) -> bool:
@@ -126,7 +128,8 @@ class LISATuned(Tuned):
 
     def state_dict(self):
         return ({n: p.detach() for n, p in self._names().items()},
-                {"draws": {str(k): v for k, v in self.draws.items()}, "seed": self.seed, "layers": self.gamma})
+                {"draws": {str(k): v for k, v in self.draws.items()}, "active": list(self.active), "seed": self.seed,
+                 "layers": self.gamma})
 
     def load_state_dict(self, tensors, meta) -> None:
         params = self._names()
@@ -137,6 +140,7 @@ class LISATuned(Tuned):
             for n, t in tensors.items():
                 params[n].copy_(t)
         self.draws.update({int(k): v for k, v in meta["draws"].items()})
+        self._set_active(tuple(meta["active"]))  # the layers the optimizer state belongs to
 
     def report(self) -> dict[str, Any]:
         k = self.method.switch_every
