@@ -47,7 +47,7 @@ def plan_row(model: str, method: str, fraction: float) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Achieved vs target trainable parameters (meta device)", "",
+    lines = ["# Achieved vs target trainable parameters (meta device)", "",
              f"Command: `{result['command']}` · git {result['meta_info']['git']['sha']} · "
              f"peft {result['meta_info']['versions']['peft']} · transformers "
              f"{result['meta_info']['versions']['transformers']} · {result['started']}", ""]
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     import torch
 
-    result = {"command": "python -m smt_bench.budget_table " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": " ".join(["python -m smt_bench.budget_table", *(argv if argv is not None else sys.argv[1:])]),
               "started": started, "models": a.models, "rows": rows,
               "meta_info": provenance.meta_info(torch.device("cpu"))}
     a.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 A method names its strategy (`Method.parallel`): the adapters and SMT train a small set of tensors, so
 every rank holds the whole model and DDP all-reduces their gradients (SMT's dense weights are frozen
 tensors DDP never touches); full FT shards parameters, gradients and AdamW states with FSDP2
-(`fully_shard` per decoder layer, then the root). The trainer sees only `wrap`, `accumulating`,
+(`fully_shard` per decoder layer, then the root); LISA, whose trainable set changes during training,
+all-reduces the gradients of its active layers itself (`allreduce`). The trainer sees only `wrap`, `accumulating`,
 `after_forward_only`, `checkpoint_state`, `load_optimizer` and `gather`; with one process every one of
 them is the identity.
 

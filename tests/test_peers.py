@@ -168,3 +168,18 @@ def test_a_sweep_over_methods_skips_a_budget_a_method_cannot_meet(cli, tmp_path)
     assert "[smt-bench] sweep of 3 jobs: 3 finished" in p.stdout
     assert sorted(f.name.split("-s0")[0] for f in (tmp_path / "r").glob("runs/*/*.json")) == \
         ["lisa-b0.0115", "lora-b0.001", "lora-b0.0115"]
+
+
+def test_the_budget_table_lists_achieved_and_unreachable_points(tmp_path):
+    from smt_bench.budget_table import main
+
+    main(["--models", "tiny-llama", "--methods", "lora", "lisa", "--budgets", "0.005", "0.0115", "--out", str(tmp_path)])
+    import json
+
+    rows = {(r["method"], r["budget_fraction"]): r for r in json.loads((tmp_path / "budget_table.json").read_text())["rows"]}
+    assert rows[("lora", 0.005)]["achieved_params"] == 15_488 and rows[("lora", 0.005)]["plan"]["r"] == 11
+    assert rows[("lisa", 0.0115)]["achieved_params"] == 36_992
+    assert rows[("lisa", 0.005)]["achieved_params"] is None
+    md = (tmp_path / "budget_table.md").read_text()
+    assert "| lisa | 0.5 | — | — | — | unreachable: γ would be 0.44 layers" in md
+    assert "| lora | 0.5 | 0.481 | 0.9620 | 15,488 | r=11, lora_alpha=22.0 |" in md

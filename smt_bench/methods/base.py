@@ -56,7 +56,7 @@ class Method:
     lr: float = param(REQUIRED, above(0))
     weight_decay: float = param(0.0, at_least(0))
     fixed_fraction: ClassVar[float | None] = None  # a method whose budget is not a choice (full FT: 1.0)
-    parallel: ClassVar[str] = "ddp"  # how a run spreads over ranks: ddp | fsdp2 (smt_bench/parallel.py)
+    parallel: ClassVar[str] = "ddp"  # how a run spreads over ranks: ddp | fsdp2 | allreduce (smt_bench/parallel.py)
 
     def __post_init__(self):
         check_fields(self, "method")
