@@ -10,7 +10,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import torch
 
 PACKAGES = ("torch", "transformers", "peft", "hydra-core", "lm-eval", "triton", "safetensors", "accelerate",
             "numpy", "pandas", "wandb")
@@ -53,7 +52,9 @@ def versions() -> dict:
     return out
 
 
-def device_info(device: torch.device) -> dict:
+def device_info(device: "torch.device") -> dict:
+    import torch  # here: the analysis reads this module's constants without loading torch
+
     info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform()}
     if device.type == "cuda":
@@ -67,6 +68,6 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def meta_info(device: torch.device) -> dict:
+def meta_info(device: "torch.device") -> dict:
     return {"git": git_info(), "versions": versions(), "device": device_info(device),
             "argv": sys.argv, "hostname": platform.node()}

@@ -635,3 +635,18 @@ def test_the_analysis_imports_no_torch():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_keys_that_change_no_computation_do_not_split_a_setting(tmp_path):
+    """A run from before `train.checkpoint_every` existed, or with SMT's retired `model.smt_block_size`, is
+    in the setting of today's runs; a key that does change the run (max_steps) still splits."""
+    old = run_doc("lora", 0.01, 0, 40.0)
+    old["config"]["model"]["smt_block_size"] = 64
+    new = run_doc("pissa", 0.01, 0, 41.0)
+    new["config"]["train"]["checkpoint_every"] = 50
+    other = run_doc("lora", 0.01, 1, 42.0, max_steps=40)
+    for doc in (old, new, other):
+        write_run(tmp_path, doc)
+    runs = load([tmp_path]).runs.set_index("method")
+    assert runs.loc["pissa", "setting_key"] == runs[runs["seed"] == 0].loc["lora", "setting_key"]
+    assert runs[runs["seed"] == 1].loc["lora", "setting_key"] != runs.loc["pissa", "setting_key"]

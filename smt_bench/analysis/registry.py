@@ -53,6 +53,9 @@ class Contribution:
     cell_columns: Mapping[str, Callable] = field(default_factory=dict)  # cell column -> aggregate of its runs' values
     check: Callable[[dict], None] | None = None                  # a finished result -> raise schema.SchemaError
     legacy_defaults: Mapping[str, Any] = field(default_factory=dict)  # method key -> value before it existed
+    # config keys outside method.* that the method once had and retired, which change nothing a run computes
+    # (key -> why): runs with and without them are one setting
+    retired_keys: Mapping[str, str] = field(default_factory=dict)
     sections: tuple[Callable[[Setting], list[str]], ...] = ()    # markdown lines per setting ([] = nothing)
     figures: tuple[Figure, ...] = ()
     color: str | None = None

@@ -9,18 +9,30 @@ import json
 import re
 
 from .flatten import flatten_config
+from .registry import contributions
 
 # config keys that do not change what a run computes (or are the axes of the analysis)
 NOT_SETTING = ("seed", "budget", "results", "logger", "device", "threads", "method")
+
+
+def not_computed() -> set[str]:
+    """Config keys that do not change what a run computes although they are outside the axes: the run id's
+    own non-semantic keys, and keys a method retired (its contribution's `retired_keys`). Runs with and
+    without them are one setting; each file keeps its own value."""
+    from ..provenance import NON_SEMANTIC
+
+    return {k for k in NON_SEMANTIC if "." in k} | {k for c in contributions() for k in c.retired_keys}
 
 
 def assign_settings(loaded) -> None:
     """Adds setting_key, config_key, setting, setting_slug and series to loaded.runs (a load.Loaded)."""
     df = loaded.runs
     flat = {f: flatten_config(loaded.configs[f]) for f in df["file"]}
+    ignored = not_computed()
 
     def shared(f):
-        return global_batch({k: v for k, v in flat[f].items() if k.split(".", 1)[0] not in NOT_SETTING})
+        return global_batch({k: v for k, v in flat[f].items()
+                             if k.split(".", 1)[0] not in NOT_SETTING and k not in ignored})
 
     keys = []
     for f, proto, tasks, status in zip(df["file"], df["protocol"], df["tasks"], df["status"]):

@@ -14,6 +14,8 @@ CONTRIBUTION = Contribution(
     cell_columns={c: finite_mean for c in columns.CELL_COLUMNS},
     check=columns.check,
     legacy_defaults=columns.LEGACY_DEFAULTS,
+    retired_keys={"model.smt_block_size": "now method.block_size, an upper bound the model's shapes reduce; "
+                                          "SmolLM2's runs recorded 64, the size SMT takes there now"},
     sections=(blocks.share_section, stability.section),
     figures=(Figure("smt_blocks", blocks.TITLE, blocks.CAPTION, blocks.block_map_figure),
              Figure("smt_stability", stability.TITLE, "", stability.report_figure, listed=False)),
