@@ -75,11 +75,12 @@ class PeftTuner(Method):
         if cfg.knob not in fields:
             raise invalid(f"{at}.knob", cfg.knob, f"an integer argument of {cfg.peft_config}, e.g. r")
         args, scaled = _plain(cfg.args), _plain(cfg.scaled_args)
-        for key in (*args, *scaled):
-            if key not in fields:
-                raise UserError(f"{at}.args.{key}: {cfg.peft_config} has no argument {key}")
-            if key in (cfg.knob, "target_modules"):
-                raise UserError(f"{at}.args.{key}: set by the budget or {at}.target_modules; remove it")
+        for group, keys in (("args", args), ("scaled_args", scaled)):
+            for key in keys:
+                if key not in fields:
+                    raise UserError(f"{at}.{group}.{key}: {cfg.peft_config} has no argument {key}")
+                if key in (cfg.knob, "target_modules"):
+                    raise UserError(f"{at}.{group}.{key}: set by the budget or {at}.target_modules; remove it")
         for key, v in args.items():  # peft takes any float here and fails, or silently drops everything, later
             if key.endswith("dropout") and not within(0, 1, hi_open=True).ok(v):
                 raise invalid(f"{at}.args.{key}", v, within(0, 1, hi_open=True).says)
