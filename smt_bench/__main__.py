@@ -151,7 +151,11 @@ def preflight(argv: list[str]) -> list:
         _fail(f"no job of the sweep can meet its budget; first: {skipped[0]}")
     for line in skipped:  # a method x budget grid: a method that cannot meet a point skips it, loudly
         print(f"smt-bench: {line}", file=sys.stderr, flush=True)
+    SKIPPED[:] = [line.split(": skipped:", 1)[0].removeprefix("sweep job ") for line in skipped]
     return jobs
+
+
+SKIPPED: list[str] = []  # the jobs the last preflight skipped (a budget their method cannot meet)
 
 
 def _agreed_preflight(argv: list[str]) -> list:
@@ -181,14 +185,18 @@ def main() -> None:
         app()
         return
     jobs = _agreed_preflight(argv)
+    sweep = len(jobs) + len(SKIPPED) > 1
     try:
         app()
     finally:
-        if len(jobs) > 1 and World.current().is_main:
+        if sweep and World.current().is_main:
             from .summary import sweep_table
 
             print(sweep_table([j for j, _ in jobs], [d for _, d in jobs]), flush=True)
-    if len(jobs) > 1 and not all(finished(j.path) for j, _ in jobs):
+            if SKIPPED:
+                print(f"[smt-bench] skipped before training, budget unreachable for the method: {'; '.join(SKIPPED)}",
+                      flush=True)
+    if sweep and not all(finished(j.path) for j, _ in jobs):
         sys.exit(EXIT_RUN_FAILED)  # the table says which; rerunning the sweep runs only those
 
 

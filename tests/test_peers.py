@@ -165,7 +165,8 @@ def test_a_sweep_over_methods_skips_a_budget_a_method_cannot_meet(cli, tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "sweep job method=lisa: skipped: budget of 3,220 params is unreachable for lisa" in p.stderr
     assert "skipped (lisa at budget 0.001)" in p.stderr  # the job itself, as Hydra launches it
-    assert "[smt-bench] finished: lora | budget 0.09% (target 0.10%)" in p.stdout
+    assert "[smt-bench] sweep of 1 jobs: 1 finished" in p.stdout
+    assert "[smt-bench] skipped before training, budget unreachable for the method: method=lisa" in p.stdout
     assert [f.name.split("-s0")[0] for f in (tmp_path / "r").glob("runs/*/*.json")] == ["lora-b0.001"]
 
 
