@@ -215,7 +215,7 @@ def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose,
     assert t["base_params"] == TINY_N
     assert t["trainable_params_target"] == round(0.005 * TINY_N) == 16_099
     assert t["trainable_params"] == 11 * 1408 == prep.plan.achieved_params  # rank 11 is closest
-    assert t["plan"] == {"rank": 11, "lora_alpha": 22.0}
+    assert t["plan"] == {"r": 11, "lora_alpha": 22.0, "peft_config": "LoraConfig"}
     assert math.isclose(t["trainable_pct"], 100 * 15_488 / TINY_N)
     assert len(t["loss_curve"]) == 4 and all(math.isfinite(x) and x > 0 for x in t["loss_curve"])
     assert [s for s, _ in t["val_loss_curve"]] == [2, 4]

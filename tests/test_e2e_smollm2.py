@@ -27,7 +27,7 @@ def test_cli_lora_run_on_smollm2(cli, tmp_path, smollm2_path, only_progress_bars
     assert r["run_info"]["status"] == "finished"
     t = r["train_info"]
     assert t["base_params"] == 134_515_008 and t["trainable_params_target"] == 1_345_150
-    assert t["plan"]["rank"] == 6 and t["trainable_params"] == 6 * 207_360  # rank 7 would be 106,370 over
+    assert t["plan"]["r"] == 6 and t["trainable_params"] == 6 * 207_360  # rank 7 would be 106,370 over
     # a pretrained instruct model: far below the ~10.8 of a uniform guess from the first step on
     assert len(t["loss_curve"]) == 3 and all(math.isfinite(x) and 0 < x < 6 for x in t["loss_curve"])
     ev = r["eval"]

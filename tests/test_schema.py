@@ -22,10 +22,16 @@ ALL_SCHEMAS = [groups.Config, groups.Train, groups.Eval, groups.Forgetting, grou
 CONTAINERS = {("Config", k) for k in ("model", "data", "logger", "method")} | {("Model", "source")}
 
 
+# mappings of a library's own arguments (peft's config class builds and checks them: check_config)
+FREE_MAPPINGS = {("PeftTunerConfig", "args"), ("PeftTunerConfig", "scaled_args")}
+
+
 def _leaves(node: DictConfig, at=""):
     for key in node:
         child = node._get_node(key)
         full = f"{at}.{key}" if at else str(key)
+        if isinstance(child, DictConfig) and (OmegaConf.get_type(node).__name__, key) in FREE_MAPPINGS:
+            continue
         if isinstance(child, DictConfig):
             yield from _leaves(child, full)
         else:

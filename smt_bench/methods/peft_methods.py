@@ -13,13 +13,14 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Dict, List
 
 from torch import nn
 
 from ..errors import BudgetUnreachable, UserError
 from ..models import ModelShapes
-from ..schema.spec import above, invalid, nonempty, nonempty_list, param, within
+from ..schema.spec import Valid, above, invalid, nonempty, nonempty_list, param, within
 from .base import Context, Method, Plan, Tuned
 
 # Arguments that only decide initial values, set so peft can inject the tuner into a meta-device model
@@ -38,6 +39,11 @@ MAX_SIZE = {"LoraConfig": lambda t: min(t.d_in, t.d_out)}
 # run ids of LoRA / DoRA from before this class: their configs hashed in that class's form
 LEGACY_LORA = "smt_bench.methods.peft_methods.LoRA"
 _COUNTS: dict = {}  # (shapes, tuner config, size) -> trainable count: plans re-ask for the same sizes
+
+
+# args / scaled_args: names and values are peft's to check (check_config builds the peft config with them)
+ARGUMENTS = Valid(lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
+                  "a mapping of argument names of method.peft_config to values")
 
 
 def peft_config_class(name: str) -> type:
@@ -61,8 +67,8 @@ class PeftTuner(Method):
     knob: str = param("r", nonempty())  # the config argument the budget sets
     target_modules: List[str] = param(valid=nonempty_list(),
                                       factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    args: Dict[str, Any] = param(factory=dict)  # fixed arguments of the peft config
-    scaled_args: Dict[str, float] = param(factory=dict)  # arguments set to ratio × knob (LoRA: lora_alpha = 2r)
+    args: Dict[str, Any] = param(valid=ARGUMENTS, factory=dict)  # fixed arguments of the peft config
+    scaled_args: Dict[str, float] = param(valid=ARGUMENTS, factory=dict)  # set to ratio × knob (LoRA: lora_alpha = 2r)
 
     @staticmethod
     def check_config(cfg, at: str) -> None:
