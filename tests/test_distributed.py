@@ -117,14 +117,15 @@ def compared(tmp_path_factory):
     one, two, maps = root / "one", root / "two", root / "maps"
     ckpt = ["train.checkpoint_every=4"]
     runs = [(["-m", "method=full_ft,smt"], "term:6"), (["method=lora", "method.args.lora_dropout=0"], "kill:6"),
-            (["method=lisa", "budget.fraction=0.0115", "method.switch_every=3"], "term:5")]
+            (["method=lisa", "budget.fraction=0.0115", "method.switch_every=3"], None)]  # resume: test_peers
     stopped, resumed = {}, []
     for args, fault in runs:
         p = _launch(root / "cwd", [*BASE, *args, "train.grad_accum=2", f"results.dir={one}"])
         assert p.returncode == 0, f"{args}, 1 process: {p.stderr[-3000:]}"
-        p = _launch(root / "cwd", [*BASE, *args, *ckpt, f"results.dir={two}"], ranks=2, driver=["--fault", fault])
-        assert p.returncode != 0  # the first job was stopped
-        stopped.update({m: r["run_info"] for m, (_, r) in _results(two).items() if m not in stopped})
+        if fault:
+            p = _launch(root / "cwd", [*BASE, *args, *ckpt, f"results.dir={two}"], ranks=2, driver=["--fault", fault])
+            assert p.returncode != 0  # the first job was stopped
+            stopped.update({m: r["run_info"] for m, (_, r) in _results(two).items() if m not in stopped})
         p = _launch(root / "cwd", [*BASE, *args, *ckpt, f"results.dir={two}"], ranks=2,
                     driver=["--dump-block-maps", str(maps)])
         assert p.returncode == 0, f"{args}, 2 ranks: {p.stderr[-3000:]}"
@@ -136,8 +137,7 @@ def test_a_stopped_2_rank_run_resumes_where_its_checkpoint_left_off(compared):
     _, two, _, stopped, out = compared
     assert stopped["full_ft"]["status"] == "preempted" and stopped["full_ft"]["checkpoint_step"] == 6
     assert stopped["lora"]["status"] == "running" and stopped["lora"]["checkpoint_step"] == 4  # kill -9: heartbeat
-    assert stopped["lisa"]["status"] == "preempted" and stopped["lisa"]["checkpoint_step"] == 5
-    for method, step in (("full_ft", 6), ("lora", 4), ("lisa", 5)):
+    for method, step in (("full_ft", 6), ("lora", 4)):
         path, res = two[method]
         assert f"resuming {path.name} from its checkpoint at step {step}" in out
         assert res["train_info"]["resumed_from_step"] == step and not path.with_suffix(".ckpt").exists()
@@ -158,8 +158,7 @@ def test_ddp_on_2_ranks_is_bitwise_the_run_of_1_process_with_the_same_global_bat
 
 
 def test_lisa_on_2_ranks_is_bitwise_the_run_of_1_process(compared):
-    """All-reduce of the layers active at each step (DDP cannot follow a changing trainable set); its 2-rank
-    run was preempted at step 5, in the middle of its second draw, and resumed with that draw's Adam state."""
+    """All-reduce of the layers active at each step (DDP cannot follow a changing trainable set)."""
     one, two, *_ = compared
     (pa, a), (pb, b) = one["lisa"], two["lisa"]
     assert b["train_info"]["distributed"]["strategy"] == "allreduce"

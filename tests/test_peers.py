@@ -183,3 +183,43 @@ def test_the_budget_table_lists_achieved_and_unreachable_points(tmp_path):
     md = (tmp_path / "budget_table.md").read_text()
     assert "| lisa | 0.5 | — | — | — | unreachable: γ would be 0.44 layers" in md
     assert "| lora | 0.5 | 0.481 | 0.9620 | 15,488 | r=11, lora_alpha=22.0 |" in md
+
+
+def test_a_resumed_lisa_run_is_the_uninterrupted_run(_tiny_llama_pristine, tokenizer, compose):
+    """Checkpointed at step 6, the end of the second draw (K = 3), and resumed on a fresh model into a third
+    draw of the other layer: the same losses, bitwise, and Adam moments only for the active layer (the
+    checkpoint says which layer the loaded moments belong to, so the switch frees them)."""
+    from smt_bench.data.batches import BatchStream, encode
+    from smt_bench.data.bundled import BundledSuite
+    from smt_bench.loggers import NullLogger
+    from smt_bench.trainer import train
+
+    # sampling seed 2 draws layers 1, 0, 1: the resumed run starts on the prepare-time layer, not the checkpoint's
+    cfg = compose(*TINY, "method=lisa", "method.switch_every=3", "method.sampling_seed=2", "train.max_steps=9",
+                  "train.batch_size=2",
+                  "train.max_len=96", "train.warmup_ratio=0", "train.eval_every=0", "method.lr=1e-3")
+    ex = encode(BundledSuite(n_train_per_task=2, n_val_per_task=0, n_test_per_task=0).load().train, tokenizer,
+                max_len=96, train_on_inputs=False)
+    method = instantiate(cfg.method, _convert_="all")
+    model = copy.deepcopy(_tiny_llama_pristine[0])
+    plan = method.plan(shapes_of(model), 36_992)
+    cpu = torch.device("cpu")
+
+    def run(tuned, resume=None, saved=None):
+        stream = BatchStream(ex, 2, tokenizer.pad_token_id, seed=0)
+        torch.manual_seed(0)
+        save = (lambda c: saved.append(copy.deepcopy(c))) if saved is not None else None  # as written to disk
+        return train(tuned, stream, [], cfg.train, cpu, NullLogger(), save=save, resume=resume)
+
+    first = method.prepare(copy.deepcopy(model), plan, None)
+    whole = run(first)
+    assert first.draws == {0: [1], 1: [0], 2: [1]}
+    saved = []
+    cfg.train.checkpoint_every = 6
+    run(method.prepare(copy.deepcopy(model), plan, None), saved=saved)
+    (ckpt,) = saved
+    assert ckpt.step == 6 and ckpt.tuned_meta["active"] == first.draws[1]
+    tuned = method.resume(copy.deepcopy(model), plan, None, ckpt.tuned, ckpt.tuned_meta)
+    again = run(tuned, resume=ckpt)
+    assert again["loss_curve"] == whole["loss_curve"] and again["resumed_from_step"] == 6
+    assert again["memory_breakdown_bytes"]["optimizer"] == whole["memory_breakdown_bytes"]["optimizer"] == 8 * 36_992
