@@ -31,7 +31,7 @@ def check_group_choices(argv: list[str], conf: Path = CONF) -> None:
         group = conf / key
         if not group.is_dir() or "." in key:
             continue
-        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        choices = sorted(p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml"))
         for v in value.split(","):
             if v and v not in choices:
                 hint = " (or set budget.fraction=F for any fraction)" if key == "budget" else ""

@@ -6,6 +6,7 @@ tags is read from that config and callers pass nothing else.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 WANDB_GROUP_MAX = 128  # wandb's limit on a group name
 
@@ -58,6 +59,20 @@ def run_tags(config: dict) -> list[str]:
     return tags
 
 
+def wandb_dir() -> str | None:
+    """Where wandb writes its wandb/ folder: $WANDB_DIR, else the job's Hydra output folder (beside its
+    .hydra logs, outside results/ whose JSON files the analysis reads), else wandb's default (the cwd)."""
+    if os.environ.get("WANDB_DIR"):
+        return os.environ["WANDB_DIR"]
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        out = Path(HydraConfig.get().runtime.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return str(out)
+    return None
+
+
 class WandbLogger(NullLogger):
     """One wandb run per smt-bench run, offline unless WANDB_MODE or `mode` says otherwise (no account or
     network needed; `wandb sync` uploads later).
@@ -79,7 +94,7 @@ class WandbLogger(NullLogger):
         tags += [t for t in self.tags if t not in tags]
         self.run = wandb.init(project=self.project, entity=self.entity, id=run_id, resume="allow",
                               name=run_name(run_id, config), group=self.group or sweep_group(config), tags=tags,
-                              config=config, mode=mode, reinit="finish_previous")
+                              config=config, mode=mode, reinit="finish_previous", dir=wandb_dir())
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

@@ -103,9 +103,14 @@ class Pretrained:
         self.path_or_id = path_or_id
 
     def _fail(self, err: Exception):
-        where = "local directory" if os.path.sep in self.path_or_id else "hub id"
+        p = self.path_or_id
+        # a hub id is owner/name (it has a separator too); a path exists, or is written as one
+        if Path(p).expanduser().exists() or p.startswith(("/", "./", "../", "~")) or p.count("/") > 1:
+            where = "local directory" if Path(p).expanduser().is_dir() else "local path, which does not exist"
+        else:
+            where = "hub id, and the hub is unreachable or has no such model"
         return UserError(
-            f"cannot load model {self.path_or_id!r} ({where}; {type(err).__name__}): download it where a hub "
+            f"cannot load model {p!r} ({where}; {type(err).__name__}): download it where a hub "
             f"is reachable and set model.source.path_or_id=/path/to/hf_dir"
         )
 

@@ -18,10 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 # Config keys that do not change what a run computes: left out of the run id (a resumed run that
 # checkpoints at another interval is the same run).
 NON_SEMANTIC = ("results", "logger", "train.checkpoint_every")
+# keys added after results existed -> the value that reproduces what runs before them computed: at that
+# value a key stays out of the run id (those runs keep their ids) and out of the analysis' settings
+ADDED_KEYS = {"train.epochs": None}
+
+
+def without_added_defaults(cfg: dict) -> dict:
+    out = dict(cfg)
+    for key, default in ADDED_KEYS.items():
+        group, name = key.split(".", 1)
+        if isinstance(out.get(group), dict) and name in out[group] and out[group][name] == default:
+            out[group] = {k: v for k, v in out[group].items() if k != name}
+    return out
 
 
 def config_hash(cfg: dict) -> str:
-    semantic = {k: v for k, v in cfg.items() if k not in NON_SEMANTIC}
+    semantic = {k: v for k, v in without_added_defaults(cfg).items() if k not in NON_SEMANTIC}
     for key in NON_SEMANTIC:
         if "." in key:
             group, name = key.split(".", 1)

@@ -5,6 +5,7 @@ before weights load; a failure there raises UserError and nothing is written.
 """
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -277,6 +278,9 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
     val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
     val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
                    for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
+    if tc.epochs:  # the steps N epochs of the tokenised set take at the global batch (max_steps is unused)
+        with open_dict(cfg):
+            tc.max_steps = math.ceil(tc.epochs * len(train_ex) / (tc.batch_size * tc.grad_accum * world.world_size))
     stream = BatchStream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed, rank=world.rank,
                          world_size=world.world_size)
     context = method_context(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, dev, world, tc.grad_accum)

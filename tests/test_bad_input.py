@@ -138,6 +138,10 @@ CASES = {
     "smt-kernels": (lambda t: [*SMT, "method.kernels=cuda"], r"method\.kernels=cuda: must be one of auto, triton, torch"),
     "smt-threshold": (lambda t: [*SMT, "method.full_input_threshold=1.5"],
                       r"method\.full_input_threshold=1\.5: must be a number in \[0, 1\]"),
+    "smt-activation-update": (lambda t: [*SMT, "method.signal=activation", "method.warmup_mode=update"],
+                              r"method\.warmup_mode=update: must be score_only with method\.signal=activation"),
+    "smt-signal": (lambda t: [*SMT, "method.signal=hessian"], r"method\.signal=hessian: must be one of gradient, activation"),
+    "unknown-experiment": (lambda t: ["experiment=paper/qvk"], r"unknown experiment 'paper/qvk'; choose one of: paper/attn_mlp, "),
     "smt-over-budget": (lambda t: [*SMT, "budget.fraction=0.01"], r"needs 31 blocks but \['q', 'k', 'v'\] have only 16 blocks of 32x32"),
     # --- model -------------------------------------------------------------------------------------
     "unknown-model": (lambda t: ["model=gpt5"], r"unknown model 'gpt5'; choose one of: llama-7b, "),
@@ -149,7 +153,10 @@ CASES = {
                          r"model\.source\.num_hidden_layers=0: must be an integer >= 1"),
     "local-model-unset": (lambda t: ["model=local", "device=cpu"], r"config value model\.source\.path_or_id is required"),
     "local-model-missing": (lambda t: ["model=local", "device=cpu", f"model.source.path_or_id={t / 'no_model'}"],
-                            r"cannot load model .*no_model.* \(local directory; .*\): .* model\.source\.path_or_id="),
+                            r"cannot load model .*no_model.* \(local path, which does not exist; .*\): .* model\.source\.path_or_id="),
+    "hub-model-offline": (lambda t: ["model=llama-7b", "device=cpu"],
+                          r"cannot load model 'huggyllama/llama-7b' \(hub id, and the hub is unreachable or has no such "
+                          r"model; .*\): download it"),
     "source-key-of-another-model": (lambda t: ["device=cpu", "model.source.hidden_size=32"],
                                     r"model\.source\.hidden_size: no such key; \(model\.source has: no keys\)"),
     # --- data --------------------------------------------------------------------------------------

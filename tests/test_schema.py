@@ -14,8 +14,18 @@ from smt_bench.__main__ import CONF
 from smt_bench.schema import groups, store
 from smt_bench.schema.spec import check_fields
 
-OPTIONS = [(d.name, y.stem) for d in sorted(CONF.iterdir()) if d.is_dir() and d.name not in ("hydra", "bench")
-           for y in sorted(d.glob("*.yaml"))]  # bench: the bench app's group, checked by smt_bench.bench.check
+OPTIONS = [(d.name, y.relative_to(d).with_suffix("").as_posix()) for d in sorted(CONF.iterdir())
+           if d.is_dir() and d.name not in ("hydra", "bench")
+           for y in sorted(d.rglob("*.yaml"))]  # bench: the bench app's group, checked by smt_bench.bench.check
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+
+
+def _selecting(group: str, option: str) -> list[str]:
+    """The overrides that select an option: a recipe's per-method values come with that recipe and method."""
+    if group == "recipe_method":
+        method = next(m for m in METHODS if option.endswith(f"_{m}"))
+        return [f"recipe={option[:-len(method) - 1]}", f"method={method}"]
+    return [f"{group}={option}"]
 ALL_SCHEMAS = [groups.Config, groups.Train, groups.Eval, groups.Forgetting, groups.Budget, groups.Results,
                *(s for opts in store.SCHEMAS.values() for s in opts.values())]
 # keys whose type is another schema (each group option brings its own) or free text
@@ -40,7 +50,7 @@ def _leaves(node: DictConfig, at=""):
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_key_of_every_option_is_typed_by_a_schema(group, option, compose):
-    cfg = compose(f"{group}={option}", *(["model=tiny-llama"] if group == "method" else []))
+    cfg = compose(*_selecting(group, option), *(["model=tiny-llama"] if group == "method" else []))
     for key, parent in _leaves(cfg):
         schema = OmegaConf.get_type(parent)
         assert dataclasses.is_dataclass(schema), f"{key} has no schema"

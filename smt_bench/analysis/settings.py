@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 
+from ..provenance import ADDED_KEYS
 from .flatten import flatten_config
 from .registry import contributions
 
@@ -32,7 +33,8 @@ def assign_settings(loaded) -> None:
 
     def shared(f):
         return global_batch({k: v for k, v in flat[f].items()
-                             if k.split(".", 1)[0] not in NOT_SETTING and k not in ignored})
+                             if k.split(".", 1)[0] not in NOT_SETTING and k not in ignored
+                             and not (k in ADDED_KEYS and v == json.dumps(ADDED_KEYS[k]))})
 
     keys = []
     for f, proto, tasks, status in zip(df["file"], df["protocol"], df["tasks"], df["status"]):

@@ -256,6 +256,9 @@ def plan_suite(ev, test_split: list[dict], data_is_bundled: bool, data_name: str
     # caps: round-robin over every task (built-ins unbounded), as `capped` does for one split
     sizes = {n: len(r) for n, (_, r) in local.items()} | {f"lm-eval:{b}": None for b in builtins}
     take = _round_robin(sizes, cap)
+    if empty := [n.removeprefix("lm-eval:") for n, k in take.items() if k == 0]:
+        raise UserError(f"eval.max_examples={cap} leaves no document for {', '.join(empty)} (round-robin over "
+                        f"{len(sizes)} tasks); set eval.max_examples to at least {len(sizes)} or pick fewer eval.tasks")
     for name, (spec, recs) in local.items():
         spec.n = take[name]
         if cap:

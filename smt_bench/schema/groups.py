@@ -51,6 +51,7 @@ def usable_schedules() -> tuple[str, ...]:
 @dataclass
 class Train:
     max_steps: int = param(valid=count(1))
+    epochs: Optional[float] = param(valid=optional(above(0), "(train.max_steps steps)"))  # set: max_steps unused
     batch_size: int = param(valid=count(1))
     grad_accum: int = param(valid=count(1))
     max_len: int = param(valid=count(2))  # a prompt token and one label at least

@@ -22,6 +22,7 @@ from .warmup import run_warmup
 
 SIBLINGS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # modules that read one input
 WARMUP_MODES = ("score_only", "update")
+SIGNALS = ("gradient", "activation")  # what scores the blocks in the warm-up
 POWERS_OF_TWO = (8, 16, 32, 64, 128, 256, 512)
 
 
@@ -31,6 +32,7 @@ class SMT(Method):
     warmup_steps: int = param(100, count(1))
     warmup_mode: str = param("score_only", one_of(WARMUP_MODES))
     warmup_lr: float = param(9.65e-6, above(0))  # warmup_mode=update
+    signal: str = param("gradient", one_of(SIGNALS))  # activation: the reference's channel sparsity, as blocks
     score: str = param("abs_mean", one_of(SCORES))
     score_accumulation: str = param("grad_sum", one_of(ACCUMULATIONS))  # grad_sum: the reference's estimator
     accumulator_device: str = param("same", one_of(ACCUMULATOR_DEVICES))  # cpu: the reference's placement
@@ -40,8 +42,15 @@ class SMT(Method):
     kernels: str = param("auto", one_of(BACKENDS))
     full_input_threshold: float = param(0.8, within(0, 1))
 
+    def identity(self, node: dict) -> dict:
+        """Runs from before `signal` existed were gradient-selected: the default keeps their ids."""
+        return {k: v for k, v in node.items() if not (k == "signal" and v == "gradient")}
+
     @staticmethod
     def check_config(cfg, at: str) -> None:
+        if cfg.signal == "activation" and cfg.warmup_mode != "score_only":
+            raise invalid(f"{at}.warmup_mode", cfg.warmup_mode, f"score_only with {at}.signal=activation (its "
+                          f"warm-up is forward passes only, as the reference's channel selection)")
         if cfg.attn_share is not None and cfg.selection != "attn_mlp":
             raise invalid(f"{at}.attn_share", cfg.attn_share, f"null unless {at}.selection=attn_mlp (it splits k "
                           f"between the attention and MLP pools; selection is {cfg.selection})")

@@ -1,4 +1,5 @@
-"""SMT's warm-up: a few steps on the method's own batch stream whose gradients score the blocks.
+"""SMT's warm-up: a few steps on the method's own batch stream whose gradients (or, with
+`method.signal=activation`, input activations: activation.py) score the blocks.
 
 score_only (default) reduces gradients to scores inside backward and never changes a weight;
 update (the reference's) also takes AdamW steps on the whole model at `warmup_lr`, so the weights the
@@ -18,12 +19,20 @@ import torch
 from torch import nn
 
 from ..base import Context
+from .activation import STATISTIC, run_activation_warmup
 from .scoring import BlockScorer
 
 
 def run_warmup(model: nn.Module, linears: dict[str, nn.Linear], cfg, block_size: int,
                context: Context) -> tuple[dict[str, torch.Tensor], dict]:
     """Returns the block scores of each eligible matrix (summed over ranks) and the facts for the report."""
+    if cfg.signal == "activation":
+        t0 = time.perf_counter()
+        scores, nbytes = run_activation_warmup(model, linears, cfg, block_size, context)
+        return scores, {"signal": "activation", "steps": cfg.warmup_steps, "mode": "forward_only",
+                        "score": f"{STATISTIC[cfg.score]} of the input per channel", "accumulation": None,
+                        "accumulator_device": None, "accumulator_bytes": nbytes,
+                        "time_s": time.perf_counter() - t0}
     score_only = cfg.warmup_mode == "score_only"
     for p in model.parameters():
         p.requires_grad_(not score_only)
@@ -55,7 +64,7 @@ def run_warmup(model: nn.Module, linears: dict[str, nn.Linear], cfg, block_size:
             p.requires_grad_(False)
             p.grad = None
         model.train(was)
-    info = {"steps": cfg.warmup_steps, "mode": cfg.warmup_mode, "score": cfg.score,
+    info = {"signal": "gradient", "steps": cfg.warmup_steps, "mode": cfg.warmup_mode, "score": cfg.score,
             "accumulation": cfg.score_accumulation,
             "accumulator_device": cfg.accumulator_device if accumulator_bytes else None,
             "accumulator_bytes": accumulator_bytes, "time_s": time.perf_counter() - t0}

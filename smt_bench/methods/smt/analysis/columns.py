@@ -14,7 +14,7 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 PROJ_GROUP = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "mlp", "up": "mlp", "down": "mlp"}
 GROUPS = ("q", "k", "v", "o", "mlp")
 # keys SMT gained after runs were written with it -> the behaviour those runs had
-LEGACY_DEFAULTS = {"score_accumulation": "score_sum", "accumulator_device": "same"}
+LEGACY_DEFAULTS = {"score_accumulation": "score_sum", "accumulator_device": "same", "signal": "gradient"}
 
 
 def short_projection(name: str) -> str:
