@@ -47,10 +47,11 @@ class ActivationScorer:
             self.sq_sum[name] += x.square().sum(dim=0)
         return hook
 
-    def count(self, mask: torch.Tensor) -> None:
-        """The next forward's real tokens."""
-        self.mask = mask.bool()
-        self.tokens += self.mask.sum()
+    def count(self, batch: dict) -> None:
+        """The next forward's real tokens (every position when the batch has no attention mask)."""
+        mask = batch.get("attention_mask")
+        self.mask = None if mask is None else mask.bool()
+        self.tokens += batch["input_ids"].numel() if mask is None else self.mask.sum()
 
     def remove(self):
         for h in self._handles:
@@ -82,7 +83,7 @@ def run_activation_warmup(model: nn.Module, linears: dict[str, nn.Linear], cfg, 
     try:
         with torch.no_grad():
             for batch in context.batches(cfg.warmup_steps * context.accumulation):
-                scorer.count(batch["attention_mask"])
+                scorer.count(batch)
                 context.loss(model, batch)
         cols = scorer.finish(context.world.all_reduce)
     finally:

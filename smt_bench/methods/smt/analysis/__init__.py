@@ -1,12 +1,13 @@
 """SMT's part of the analysis report (smt_bench.analysis finds it through its registry).
 
 columns: blocks per projection group, read from method_info; blocks: the share and rate tables and the
-block-map figure; stability: how much two selections that differ in one factor overlap. Imports no torch.
+block-map figure; stability: how much two selections that differ in one factor overlap; paper: the
+paper's figures and tables by name. Imports no torch.
 """
 from smt_bench.analysis.registry import Contribution, Figure
 from smt_bench.analysis.stats import finite_mean
 
-from . import blocks, columns, stability
+from . import blocks, columns, paper, stability
 
 CONTRIBUTION = Contribution(
     method="smt",
@@ -16,9 +17,10 @@ CONTRIBUTION = Contribution(
     legacy_defaults=columns.LEGACY_DEFAULTS,
     retired_keys={"model.smt_block_size": "now method.block_size, an upper bound the model's shapes reduce; "
                                           "SmolLM2's runs recorded 64, the size SMT takes there now"},
-    sections=(blocks.share_section, stability.section),
+    sections=(blocks.share_section, stability.section, *paper.SECTIONS),
     figures=(Figure("smt_blocks", blocks.TITLE, blocks.CAPTION, blocks.block_map_figure),
-             Figure("smt_stability", stability.TITLE, "", stability.report_figure, listed=False)),
+             Figure("smt_stability", stability.TITLE, "", stability.report_figure, listed=False),
+             *paper.FIGURES),
     color="#2ca02c",
     order=1,  # the method under study: after the baselines
 )
