@@ -82,7 +82,12 @@ class SmolLM2GGUF:
             if self.cache_dir.exists():  # another process finished first
                 shutil.rmtree(tmp)
             else:
-                os.replace(tmp, self.cache_dir)
+                try:
+                    os.replace(tmp, self.cache_dir)
+                except OSError:  # another process renamed its copy in between (parallel test workers)
+                    if not (self.cache_dir / "config.json").exists():
+                        raise
+                    shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2` on 2 cores: one torch thread per worker, none waits on another
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # --- shared fixtures -------------------------------------------------------------------------
 import copy

@@ -306,7 +306,7 @@ def test_smt_rate_per_eligible_block(tmp_path):
         write_run(res, d)
     analyze([str(res)], tmp_path / "out", Options())
     report = (tmp_path / "out" / "report.md").read_text()
-    part = report.split("Selected blocks as a share of the blocks each projection offers", 1)[1]
+    part = report.split("Selected blocks as a share of the blocks each projection offers", 1)[1].split("###", 1)[0]
     table = [ln for ln in part.splitlines() if ln.startswith("| smt")]
     assert table == ["| smt | 1% | 2 | 50.0% of 8 | 50.0% of 4 | 100.0% of 10 | 0.0% of 8 |"]
     assert "pooled over 2 SMT runs that record `eligible_blocks`: q 50.0%, k 50.0%, v 100.0%, o 0.0%; " \
