@@ -59,12 +59,26 @@ def test_sweep_points_of_plain_and_explicit_multiruns():
 BENCH_ONLY = ("bench",)  # the groups of `python -m smt_bench.bench` (conf/benchmark.yaml): tests/test_bench.py
 
 
+NESTED = ("experiment",)  # groups whose options sit in subfolders: experiment=paper/qkv
+
+
 def _group_options():
     out = []
     for d in sorted(p for p in CONF.rglob("*") if p.is_dir() and p.name not in BENCH_ONLY):
-        for y in sorted(d.glob("*.yaml")):
-            out.append((d.relative_to(CONF).as_posix(), y.stem))
+        group = d.relative_to(CONF).as_posix()
+        if group in NESTED:
+            out += [(group, y.relative_to(d).with_suffix("").as_posix()) for y in sorted(d.rglob("*.yaml"))]
+        elif group.split("/")[0] not in NESTED:
+            out += [(group, y.stem) for y in sorted(d.glob("*.yaml"))]
     return out
+
+
+def _selecting(group: str, option: str) -> list[str]:
+    """A recipe's per-method values are chosen by the recipe and the method, not by name."""
+    if group == "recipe_method":
+        method = next(m for m in (p.stem for p in (CONF / "method").glob("*.yaml")) if option.endswith(f"_{m}"))
+        return [f"recipe={option[:-len(method) - 1]}", f"method={method}"]
+    return [f"{group}={option}"]
 
 
 GROUP_OPTIONS = _group_options()
@@ -72,15 +86,29 @@ GROUP_OPTIONS = _group_options()
 
 def test_config_groups_are_all_found():
     groups = {g for g, _ in GROUP_OPTIONS}
-    assert groups == {"budget", "data", "eval", "hydra/launcher", "logger", "method", "model", "train"}
+    assert groups == {"budget", "data", "eval", "hydra/launcher", "logger", "method", "model", "train", "experiment",
+                      "recipe", "recipe_method"}
     assert {("hydra/launcher", "slurm"), ("hydra/launcher", "local"), ("logger", "wandb"), ("method", "lora"),
             ("method", "dora"), ("method", "full_ft"), ("budget", "sweep"), ("model", "tiny-llama")} <= set(GROUP_OPTIONS)
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_group_option_composes(group, option, compose):
-    cfg = compose(f"{group}={option}", hydra=True)
+    cfg = compose(*_selecting(group, option), hydra=True)
     own = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if group == "experiment":  # a paper experiment: a multirun with its own sweep
+        assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
+        return
+    if group == "recipe":  # @package _global_: what it sets is what the config has
+        for key in ("train", "eval"):
+            for k, v in (own.get(key) or {}).items():
+                assert cfg[key][k] == v, (key, k)
+        return
+    if group == "recipe_method":
+        for k, v in own.items():
+            if k != "defaults":
+                assert cfg.method[k] == v, k
+        return
     if group == "hydra/launcher":
         launcher = get_class(cfg.hydra.launcher._target_)
         assert launcher.__name__ == {"slurm": "SlurmLauncher", "local": "LocalLauncher"}.get(option, launcher.__name__)
