@@ -183,6 +183,7 @@ def _paper_results(root: Path) -> Path:
                                    block_map=smt_map(5) if key == "qkv" else None))
         write_run(res, run_doc("smt", 0.01, seed, 53.0 + noise,
                                method_extra={"projections": SETS["qkv"], "signal": "activation"}))
+        write_run(res, run_doc("lora", 0.01, seed, 40.0, method_extra={"r": 4}))  # other methods' keys: empty for SMT
     return res
 
 

@@ -42,7 +42,7 @@ class Comparison:
 QKV = Comparison(
     "paper_qkv", "SMT on Q, K or V alone (the paper's Q/K/V figure)", "projections",
     (("Q", frozenset("q")), ("K", frozenset("k")), ("V", frozenset("v")), ("Q,K,V", frozenset("qkv"))),
-    "the paper trains SMT on Q, K or V alone at one budget and finds V best, ahead of K by 4.6 points and "
+    "trains SMT on Q, K or V alone at one budget and finds V best, ahead of K by 4.6 points and "
     "of Q by 3.2 (as its summaries quote the figure)",
     (("V", "K"), ("V", "Q")), {("V", "K"): 4.6, ("V", "Q"): 3.2})
 ATTN_MLP = Comparison(
@@ -50,13 +50,13 @@ ATTN_MLP = Comparison(
     "projections",
     (("attention (q,k,v)", frozenset("qkv")), ("MLP (gate,up,down)", frozenset({"gate", "up", "down"})),
      ("all seven", frozenset(PROJECTIONS))),
-    "the paper spends one budget on attention or on MLP projections and finds attention better",
+    "spends one budget on attention or on MLP projections and finds attention better",
     (("attention (q,k,v)", "MLP (gate,up,down)"), ("attention (q,k,v)", "all seven")), {})
 SELECTION = Comparison(
     "paper_selection", "Gradient- vs activation-based block selection", "signal",
     (("gradient", "gradient"), ("activation", "activation")),
-    "the reference code also selects by activation magnitude (`--channel_sparsity`); the paper keeps "
-    "gradient-based selection", (("gradient", "activation"),), {})
+    "keeps gradient-based selection; its reference code also selects by activation magnitude "
+    "(`--channel_sparsity`)", (("gradient", "activation"),), {})
 COMPARISONS = (QKV, ATTN_MLP, SELECTION)
 
 
@@ -81,7 +81,9 @@ def panels(s: Setting, comp: Comparison) -> list[dict]:
     labels = {v: lbl for lbl, v in comp.variants}
     out = []
     for b, at_b in runs.groupby("budget_fraction", sort=True):
-        groups = at_b.groupby([at_b[c].astype(str) for c in others], sort=True) if others else [((), at_b)]
+        keys = [at_b[c].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+                for c in others]  # another method's keys are empty here; pandas would drop those groups
+        groups = at_b.groupby(keys, sort=True, dropna=False) if others else [((), at_b)]
         found = []
         for rest, g in groups:
             by = {}
@@ -117,7 +119,7 @@ def comparison_section(comp: Comparison):
         found = panels(s, comp)
         if not found:
             return []
-        out = [f"### {comp.title} (`{comp.stem}`)", "", f"The paper: {comp.claim}.", ""]
+        out = [f"### {comp.title} (`{comp.stem}`)", "", f"The paper {comp.claim}.", ""]
         rows, lines = [], []
         for p in found:
             accs = dict(p["rows"])
@@ -158,13 +160,14 @@ def comparison_figure(comp: Comparison):
                 ax.scatter(np.full(len(values), i) + np.linspace(-0.12, 0.12, len(values)), values, s=10,
                            color="black", zorder=3)
                 ax.text(i, 0.01, f"n={n}", ha="center", va="bottom", fontsize=7, transform=ax.get_xaxis_transform())
-            ax.set_xticks(x, [lbl for lbl, _ in p["rows"]], rotation=20 if len(p["rows"]) > 3 else 0, ha="right"
-                          if len(p["rows"]) > 3 else "center", fontsize=8)
+            names = [lbl for lbl, _ in p["rows"]]
+            long = max(map(len, names)) > 8
+            ax.set_xticks(x, [n.replace(" (", "\n(") for n in names] if long else names, fontsize=8)
             ax.set_ylabel("mean accuracy (%)")
             ax.set_title(wrap(f"SMT {fmt_budget(p['budget'])}" + (f" · {p['label']}" if p["label"] else ""), 40),
                          fontsize=8)
-        fig.suptitle(wrap(f"{comp.title}\n{s.label}", 70), fontsize=9)
-        fig.tight_layout(rect=(0, 0, 1, 0.88))
+        fig.suptitle(f"{wrap(comp.title, 70)}\n{s.label}", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.9))
         return fig
     return draw
 
@@ -177,6 +180,8 @@ def _qkv_cells(s: Setting) -> list[tuple[float, dict[str, float], dict[str, floa
     if "cfg.method.projections" not in runs.columns or "smt_blocks_q" not in runs.columns:
         return []
     runs = runs[[_value("projections", v) == frozenset("qkv") for v in runs["cfg.method.projections"]]]
+    if "cfg.method.signal" in runs.columns:  # the paper's pie is of gradient-selected blocks
+        runs = runs[[_value("signal", v) in (None, "gradient") for v in runs["cfg.method.signal"]]]
     runs = runs[runs["smt_blocks"].notna() & (runs["smt_blocks"] > 0)]
     out = []
     for b, g in runs.groupby("budget_fraction", sort=True):
@@ -187,8 +192,8 @@ def _qkv_cells(s: Setting) -> list[tuple[float, dict[str, float], dict[str, floa
 
 
 SHARE_TITLE = "Q/K/V share of the selected blocks (the paper's pie chart)"
-SHARE_CAPTION = ("Where SMT on q, k and v puts its blocks, pooled over the runs of each budget (series that differ "
-                 "in other SMT keys are pooled too). With grouped-query attention k and v offer fewer blocks than q: "
+SHARE_CAPTION = ("Where gradient-selected SMT on q, k and v puts its blocks, pooled over the runs of each budget "
+                 "(series that differ in other SMT keys are pooled too). With grouped-query attention k and v offer fewer blocks than q: "
                  "each panel also gives the eligible share, the split a selection blind to the data would make.")
 
 
@@ -205,7 +210,7 @@ def share_figure(s: Setting):
         total_e = sum(elig.values())
         e_txt = " ".join(f"{p} {100 * elig[p] / total_e:.0f}%" for p in "qkv") if total_e else "unknown"
         ax.set_title(f"{fmt_budget(b)} · {plural(n, 'run')}\neligible: {e_txt}", fontsize=8)
-    fig.suptitle(wrap(f"{SHARE_TITLE}\n{s.label}", 70), fontsize=9)
+    fig.suptitle(f"{wrap(SHARE_TITLE, 70)}\n{s.label}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.86))
     return fig
 
