@@ -179,9 +179,11 @@ def _qkv_cells(s: Setting) -> list[tuple[float, dict[str, float], dict[str, floa
     runs = s.runs[s.runs["method"] == "smt"]
     if "cfg.method.projections" not in runs.columns or "smt_blocks_q" not in runs.columns:
         return []
-    runs = runs[[_value("projections", v) == frozenset("qkv") for v in runs["cfg.method.projections"]]]
+    runs = runs.loc[np.array([_value("projections", v) == frozenset("qkv") for v in runs["cfg.method.projections"]],
+                             dtype=bool)]  # (a plain empty list would select columns)
     if "cfg.method.signal" in runs.columns:  # the paper's pie is of gradient-selected blocks
-        runs = runs[[_value("signal", v) in (None, "gradient") for v in runs["cfg.method.signal"]]]
+        runs = runs.loc[np.array([_value("signal", v) in (None, "gradient") for v in runs["cfg.method.signal"]],
+                                 dtype=bool)]
     runs = runs[runs["smt_blocks"].notna() & (runs["smt_blocks"] > 0)]
     out = []
     for b, g in runs.groupby("budget_fraction", sort=True):
