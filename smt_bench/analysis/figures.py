@@ -96,6 +96,15 @@ def _logx(ax):
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def legend(ax, inside: int = 8):
+    """Inside the axes while it is short; beside them (the saved figure grows to fit) once it would cover
+    the data."""
+    if len(ax.get_legend_handles_labels()[1]) <= inside:
+        ax.legend(loc="best")
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+
+
 def wrap(title: str, width: int = 80) -> str:
     return textwrap.fill(title, width)
 
@@ -138,7 +147,9 @@ def accuracy_vs_params(cells: pd.DataFrame, plateaus: dict[str, Plateau | None],
         x, y = c["trainable_pct"].to_numpy(), c["acc_mean"].to_numpy()
         ci = np.nan_to_num(c["acc_ci"].to_numpy(), nan=0.0)
         col = pal.color(method)
-        ax.plot(x, y, color=col, marker=pal.marker(series), ls=pal.line(series), label=f"{series}")
+        # a variant run at one budget is a point, not a curve (the paper figures compare those)
+        ax.plot(x, y, color=col, marker=pal.marker(series), ls=pal.line(series) if len(c) > 1 else "none",
+                label=f"{series}")
         if (ci > 0).any():
             ax.fill_between(x, y - ci, y + ci, color=col, alpha=0.18, lw=0)
         pl = plateaus.get(series)
@@ -155,7 +166,7 @@ def accuracy_vs_params(cells: pd.DataFrame, plateaus: dict[str, Plateau | None],
     if drawn:
         ax.plot([], [], marker="*", ms=11, mfc="none", mec="#333333", ls="none", label="plateau start")
         _logx(ax)
-        ax.legend(loc="best")
+        legend(ax)
     else:
         note(ax, "no evaluated runs in this setting")
     ax.set_xlabel("trainable parameters (% of model, achieved; log scale)")
@@ -228,7 +239,7 @@ def throughput(cells: pd.DataFrame, pal: Palette, title: str):
         if drawn:
             _logx(ax)
         if drawn or ft is not None:
-            ax.legend(loc="best")
+            legend(ax)
         else:
             note(ax, "no finished runs in this setting")
         ax.set_xlabel("trainable parameters (% of model, log scale)")
@@ -257,7 +268,7 @@ def pareto(cells: pd.DataFrame, pal: Palette, title: str):
         px, py = zip(*pts)
         ax.step(px, py, where="post", color="black", lw=0.8, ls=":", label="Pareto front")
         ax.plot(px, py, ls="none", marker="o", ms=11, mfc="none", mec="black", mew=0.6)
-        ax.legend(loc="best")
+        legend(ax)
     else:
         note(ax, "no evaluated runs with a measured peak in this setting")
     ax.set_xlabel("peak memory / full FT" if use_ratio else "peak memory (GiB; no full-FT run)")
