@@ -237,3 +237,18 @@ def test_the_paper_layout_table_puts_the_published_rows_beside_ours(tmp_path):
     assert "| LoRA r=32 (lr 3e-4) | 0.705 | published | 70.8 | 85.2 |" in part
     assert "HectorHHZ/Sparse_Matrix_Tuning README.md" in part and "NVlabs/DoRA" in part
     assert "llama-7b" not in part.split("[1]", 1)[0]  # another model's rows are not mixed in
+
+
+# --- train.epochs (the recipes' 3 epochs) ---------------------------------------------------------
+def test_epochs_set_the_steps_from_the_tokenised_set_and_null_keeps_the_run_ids(compose, tmp_path, smollm2_path):
+    from smt_bench import provenance
+    from smt_bench.run import execute
+
+    cfg = compose(*TINY, "method=smt", "budget.fraction=0.001", "method.warmup_steps=1", "data.n_train_per_task=10",
+                  "train.epochs=0.2", "eval.enabled=false", f"results.dir={tmp_path}")
+    r = execute(cfg)
+    assert r["run_info"]["status"] == "finished", r["run_info"]["error"]
+    assert r["train_info"]["steps"] == 2 and len(r["train_info"]["loss_curve"]) == 2  # ceil(0.2 × 60 / 8)
+    node = {"train": {"max_steps": 20, "epochs": None}, "seed": 0}
+    assert provenance.config_hash(node) == provenance.config_hash({"train": {"max_steps": 20}, "seed": 0})
+    assert provenance.config_hash({**node, "train": {"max_steps": 20, "epochs": 3}}) != provenance.config_hash(node)
