@@ -6,7 +6,7 @@
 # tool:  bash scripts/gpu_check.sh        (writes to $OUT, else results/gpu; commit what it measured there)
 #
 # The device image has torch, triton and pytest but not this project's other dependencies, and nothing
-# can be installed there, so smt_bench.kernels is put on the path as pyproject maps it (kernels/ ->
+# can be installed there, so smt_bench.kernels is put on the path as pyproject maps it (kernels/src/ ->
 # smt_bench.kernels) instead of installing the package. Only the kernel tests run: they need torch alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ fi
 shim=$(mktemp -d)
 mkdir "$shim/smt_bench"
 for f in smt_bench/*; do ln -s "$PWD/$f" "$shim/smt_bench/$(basename "$f")"; done
-ln -s "$PWD/kernels" "$shim/smt_bench/kernels"
+ln -s "$PWD/kernels/src" "$shim/smt_bench/kernels"
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 
 {

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub_kernels as hubk
 from .errors import UserError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,7 +68,8 @@ class SmolLM2GGUF:
         src = self._package_dir()
         if importlib.util.find_spec("gguf") is None:
             raise UserError(f"loading the GGUF model needs the package gguf: run `{SMOLLM2_INSTALL}`")
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=self.gguf_file, dtype=torch.float32)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=self.gguf_file, dtype=torch.float32,
+                                                          **hubk.load_kwargs(False))
         tok = AutoTokenizer.from_pretrained(src, gguf_file=self.gguf_file)
         cfg = gguf_model.config.to_dict()
         cfg.pop("quantization_config", None)
@@ -97,8 +99,8 @@ class SmolLM2GGUF:
 
         return AutoConfig.from_pretrained(self.path())
 
-    def load(self, dtype=torch.float32):
-        return Pretrained(str(self.path())).load(dtype)
+    def load(self, dtype=torch.float32, hub_kernels: bool = False):
+        return Pretrained(str(self.path())).load(dtype, hub_kernels)
 
 
 class Pretrained:
@@ -127,11 +129,12 @@ class Pretrained:
         except (OSError, ValueError) as e:
             raise self._fail(e) from None
 
-    def load(self, dtype=torch.float32):
+    def load(self, dtype=torch.float32, hub_kernels: bool = False):
+        """`hub_kernels` (model.hub_kernels) is passed explicitly: transformers 5.25 otherwise kernelizes."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(self.path_or_id, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.path_or_id, dtype=dtype, **hubk.load_kwargs(hub_kernels))
             tok = AutoTokenizer.from_pretrained(self.path_or_id)
         except (OSError, ValueError) as e:
             raise self._fail(e) from None
@@ -162,13 +165,16 @@ class TinyLlama:
             cfg.rope_theta = self.rope_theta
         return cfg
 
-    def load(self, dtype=torch.float32):
+    def load(self, dtype=torch.float32, hub_kernels: bool = False):
+        """`from_config` never kernelizes; with `hub_kernels` the model is kernelized as from_pretrained would."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(SmolLM2GGUF().path())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
             model = AutoModelForCausalLM.from_config(self.hf_config(), dtype=dtype)
+        if hub_kernels:
+            hubk.enable(model)
         return model, _tokenizer_with_pad(tok)
 
 

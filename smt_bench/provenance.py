@@ -1,10 +1,12 @@
-"""Where a number came from: config hash, git sha, package versions, device, threads."""
+"""Where a number came from: config hash, git sha, package versions and the lock they came from, device,
+threads."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -12,15 +14,19 @@ from pathlib import Path
 
 
 PACKAGES = ("torch", "transformers", "peft", "hydra-core", "lm-eval", "triton", "safetensors", "accelerate",
-            "numpy", "pandas", "wandb")
+            "numpy", "pandas", "wandb", "kernels")
 REPO = Path(__file__).resolve().parents[1]
+# the locked environment scripts/setup.sh installs (scripts/lock.sh writes it)
+LOCK = Path("requirements") / "lock-cpu.txt"
+# what a GPU install takes from its own CUDA build instead of the lock (scripts/setup.sh)
+TORCH_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 
 # Config keys that do not change what a run computes: left out of the run id (a resumed run that
 # checkpoints at another interval is the same run).
 NON_SEMANTIC = ("results", "logger", "train.checkpoint_every")
 # keys added after results existed -> the value that reproduces what runs before them computed: at that
 # value a key stays out of the run id (those runs keep their ids) and out of the analysis' settings
-ADDED_KEYS = {"train.epochs": None}
+ADDED_KEYS = {"train.epochs": None, "model.hub_kernels": False}
 
 
 def without_added_defaults(cfg: dict) -> dict:
@@ -64,6 +70,39 @@ def versions() -> dict:
     return out
 
 
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins(text: str) -> dict[str, str]:
+    """name -> version of every `name==version` line of a requirements lock (canonical names)."""
+    pins = {}
+    for line in text.splitlines():
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)", line)
+        if m:
+            pins[_canonical(m.group(1))] = m.group(2)
+    return pins
+
+
+def lock_info(path: Path | None = None) -> dict | None:
+    """The lock's hash, and every package whose installed version is not the locked one (None: not
+    installed). Empty deviations: this process runs exactly the locked environment. None without a lock
+    (an installed wheel)."""
+    path = path or REPO / LOCK
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    installed: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            installed.setdefault(_canonical(name), dist.version)  # the first on sys.path is the one imported
+    deviations = {name: installed.get(name) for name, version in lock_pins(data.decode()).items()
+                  if installed.get(name) != version}
+    return {"file": LOCK.as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
+            "deviations": dict(sorted(deviations.items()))}
+
+
 def device_info(device: "torch.device") -> dict:
     import torch  # here: the analysis reads this module's constants without loading torch
 
@@ -81,5 +120,5 @@ def device_info(device: "torch.device") -> dict:
 
 
 def meta_info(device: "torch.device") -> dict:
-    return {"git": git_info(), "versions": versions(), "device": device_info(device),
+    return {"git": git_info(), "versions": versions(), "lock": lock_info(), "device": device_info(device),
             "argv": sys.argv, "hostname": platform.node()}

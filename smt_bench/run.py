@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from hydra.errors import InstantiationException
 
-from . import provenance
+from . import hub_kernels, provenance
 from .checkpoint import CheckpointDir
 from .data.batches import BatchStream, collate, encode
 from .data.bundled import BundledSuite
@@ -89,6 +89,7 @@ class Prepared:
             raise UserError(f"config value {e.full_key} is required but not set; add {e.full_key}=... "
                             f"to the command") from None
         validate(cfg)  # every key's type and valid values, and the cross-field rules (smt_bench/schema/)
+        hub_kernels.preflight(cfg.model.hub_kernels)
         self.cfg = cfg
         self.method = _build(cfg.method, "method")
         if self.method.fixed_fraction is not None:
@@ -192,7 +193,7 @@ def execute(cfg: DictConfig) -> dict | None:
         "run_info": {"id": prep.run_id, "created_at": _now(), "command": _command(),
                      "status": "running", "error": None, "checkpoint_step": ckpts.latest_step()},
         "config": prep.container,
-        "meta_info": provenance.meta_info(prep.device),
+        "meta_info": {**provenance.meta_info(prep.device), "hub_kernels": hub_kernels.record(cfg.model.hub_kernels)},
     }
     info = result["run_info"]
     t_wall = time.perf_counter()
@@ -210,7 +211,7 @@ def execute(cfg: DictConfig) -> dict | None:
             write_json_atomic(prep.path, result)
 
     try:
-        result.update(_run(prep, logger, ckpts, heartbeat, world))
+        result.update(_run(prep, logger, ckpts, heartbeat, world, result["meta_info"]))
         info["status"] = "finished"
     except UserError:  # bad input found only once the data is tokenised: one line, exit 2, no result file
         if started and world.is_main:
@@ -256,15 +257,17 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) -> dict:
+def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World, meta: dict) -> dict:
     cfg, tc, dev = prep.cfg, prep.cfg.train, prep.device
+    hub = bool(cfg.model.hub_kernels)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(cfg.seed, dev)
     logger.start(prep.run_id, prep.container)
     t0 = time.perf_counter()
-    model, tok = prep.source.load(torch.float32)
+    model, tok = prep.source.load(torch.float32, hub_kernels=hub)
     model.to(dev)
+    meta["hub_kernels"] = hub_kernels.record(hub, model)
     load_s = time.perf_counter() - t0
     nll_before = None
     evaluates = prep.eval_plan is not None and world.is_main  # evaluation runs on rank 0 alone
@@ -300,6 +303,8 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
         if world.is_main:
             print(f"[smt-bench] resuming {prep.path.name} from its checkpoint at step {saved.step}", flush=True)
         tuned = prep.method.resume(model, prep.plan, context, saved.tuned, saved.tuned_meta)
+    if hub:  # before any step: nothing the method trains or wraps may sit where a hub kernel replaces a forward
+        hub_kernels.check(tuned.model, prep.method.name)
     prepare_peak = int(world.reduce_floats([mem.stop()], "max")[0])  # the fullest rank's
     prepare_s = time.perf_counter() - t0
     n_trainable = sum(p.numel() for p in tuned.trainable_parameters())
@@ -317,7 +322,7 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World) 
     train_info = train(tuned, stream, val_batches, tc, dev, logger, mem, save=save, resume=saved,
                        parallel=parallel)
     # the model rank 0 reports, exports and evaluates: whole (FSDP2 gathers it), plain (no DDP wrapper)
-    tuned = parallel.gather(tuned, lambda: prep.source.load(torch.float32)[0].to(dev))
+    tuned = parallel.gather(tuned, lambda: prep.source.load(torch.float32, hub_kernels=hub)[0].to(dev))
     if tuned is None:
         return {}
     N = prep.shapes.total_params

@@ -140,6 +140,9 @@ class Config:
 class Model:
     name: str = param(valid=nonempty())
     source: Any = MISSING
+    # Hugging Face hub kernels (smt_bench/hub_kernels.py): off, every layer runs transformers' own code;
+    # on, transformers may replace layers (RMSNorm, rotary) with kernels fetched from the hub
+    hub_kernels: bool = False
 
 
 @dataclass
