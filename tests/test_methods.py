@@ -122,6 +122,17 @@ def test_exactly_the_trained_tensors_change(trained):
         assert len(before) == 2 * 9 + 2  # 9 weights per layer (7 linears + 2 norms), embedding, final norm
 
 
+def test_no_hub_kernel_can_bypass_what_it_trains(trained):
+    """model.hub_kernels=true, verified per method: every module whose forward a hub kernel may replace
+    (Llama's RMSNorms and SiLU) is transformers' own and holds nothing of the method's below it."""
+    from smt_bench import hub_kernels
+
+    name, tuned, model, _, _ = trained
+    pytest.importorskip("kernels")
+    assert set(hub_kernels.replaceable(model).values()) == {"RMSNorm", "SiLU"}
+    hub_kernels.check(model, name)
+
+
 def test_pissa_rewrites_the_base_but_not_the_function(_tiny_llama_pristine, examples):
     """PiSSA's init moves the principal part of each target into the adapter: W_res + BA = W."""
     from smt_bench.methods.peft_methods import PeftTuner
