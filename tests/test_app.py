@@ -1,5 +1,6 @@
 """The Hydra app: sweeps, config groups, bad input (exit 2, one stderr line, nothing written) and the
 result file of a real run (subprocess `python -m smt_bench` on tiny-llama)."""
+import hashlib
 import json
 import math
 import re
@@ -273,6 +274,12 @@ def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose,
     assert (meta["versions"]["transformers"], meta["versions"]["peft"]) == (transformers.__version__,
                                                                             peft.__version__)
     assert meta["device"]["type"] == "cpu" and meta["device"]["torch_threads"] >= 1
+    # the environment: the lock it was made from (its hash, what differs) and the hub-kernel decision
+    lock = REPO / "requirements" / "lock-cpu.txt"
+    assert meta["lock"]["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert isinstance(meta["lock"]["deviations"], dict)
+    assert meta["hub_kernels"]["enabled"] is False and "layers" not in meta["hub_kernels"]
+    assert r["config"]["model"]["hub_kernels"] is False
 
     # the same command again: skipped, the file untouched
     before = path.read_bytes()

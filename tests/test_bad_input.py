@@ -144,6 +144,8 @@ CASES = {
     "unknown-experiment": (lambda t: ["experiment=paper/qvk"], r"unknown experiment 'paper/qvk'; choose one of: paper/attn_mlp, "),
     "smt-over-budget": (lambda t: [*SMT, "budget.fraction=0.01"], r"needs 31 blocks but \['q', 'k', 'v'\] have only 16 blocks of 32x32"),
     # --- model -------------------------------------------------------------------------------------
+    "model-hub-kernels-not-bool": (lambda t: [*TINY, "model.hub_kernels=maybe"],
+                                   r"model\.hub_kernels=maybe: must be true or false"),
     "unknown-model": (lambda t: ["model=gpt5"], r"unknown model 'gpt5'; choose one of: llama-7b, "),
     "tiny-heads": (lambda t: [*TINY, "model.source.num_attention_heads=3"],
                    r"model\.source\.num_attention_heads=3: must be a divisor of hidden_size=64"),
