@@ -74,8 +74,9 @@ def replaceable(model: nn.Module) -> dict[str, str]:
 
 
 def _own(module: nn.Module) -> bool:
-    """A module of the model's own code (transformers) or of torch, not one a method brought."""
-    return type(module).__module__.split(".")[0] in ("transformers", "torch")
+    """A module of the model's own code (transformers, or a hub model's remote code) or of torch, not one a
+    method brought."""
+    return type(module).__module__.split(".")[0] in ("transformers", "transformers_modules", "torch")
 
 
 def check(model: nn.Module, method: str) -> None:
