@@ -73,7 +73,7 @@ def test_no_top_level_entry_shadows_an_installed_distribution():
     code = ("import importlib.util, json, sys; print(json.dumps({n: (importlib.util.find_spec(n).origin or '') "
             f"for n in {names!r}}}))")
     for name, origin in json.loads(_python(code, REPO)).items():
-        assert not Path(origin).resolve().is_relative_to(REPO), f"{name} resolves into the repo: {origin}"
+        assert not Path(origin).resolve().is_relative_to(REPO / name), f"{name} resolves to the repo's {name}/"
 
 
 def test_the_scan_finds_a_shadowing_package(tmp_path):
