@@ -70,6 +70,18 @@ def _bench_config(*overrides: str):
         GlobalHydra.instance().clear()
 
 
+def test_the_bench_follows_model_hub_kernels_and_records_it(tmp_path):
+    """The bench builds its models from a config: with the key on they are kernelized as a run's are, each
+    method's tuned model passes the hub-kernel check, and the result says so."""
+    pytest.importorskip("kernels")
+    p = _bench(tmp_path, *TINY, "bench.isolate=false", "bench.name=h", "bench.methods=[smt,lora]",
+               "model.hub_kernels=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "h.json").read_text())
+    assert res["meta_info"]["hub_kernels"]["enabled"] is True and res["config"]["model"]["hub_kernels"] is True
+    assert res["runs"] and not [r for r in res["runs"] if r.get("failed")]
+
+
 def test_an_isolated_worker_is_a_process_of_its_own_with_the_fixed_mmap_threshold():
     from smt_bench.bench.__main__ import _run_worker, plan_jobs
 

@@ -74,7 +74,10 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
     from ..models import meta_shapes
     from ..run import _build
 
+    from .. import hub_kernels
+
     b = cfg.bench
+    hub_kernels.preflight(cfg.model.hub_kernels)
     source = instantiate(cfg.model.source)
     full = meta_shapes(source.hf_config())
     depth = source.hf_config().num_hidden_layers
@@ -101,7 +104,8 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
                 facts["plans"][f"{name}@{frac}"] = {"achieved_params": achieved, **plan.detail}
             for layers in b.layers:
                 jobs.append({"name": name, "budget": frac, "layers": int(layers), "device": device,
-                             "model_source": model_source, "method": method_cfg,
+                             "model_source": model_source, "hub_kernels": bool(cfg.model.hub_kernels),
+                             "method": method_cfg,
                              "target_params": round(achieved * layers / depth) if name != "full_ft" else None,
                              "batch_size": int(b.batch_size), "seq_len": int(b.seq_len), "steps": int(b.steps),
                              "skip": int(b.skip), "threads": b.threads, "profile": bool(b.profile),
@@ -129,7 +133,7 @@ def _run_worker(spec: dict, isolate: bool = True) -> dict:
 
 @hydra.main(config_path=str(CONF), config_name="benchmark", version_base="1.3")
 def app(cfg: DictConfig) -> None:
-    from .. import provenance
+    from .. import hub_kernels, provenance
 
     try:
         check(cfg)
@@ -157,7 +161,8 @@ def app(cfg: DictConfig) -> None:
         "command": " ".join(["python -m smt_bench.bench", *sys.argv[1:]]),
         "memory_env": {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD} if facts["device"] == "cpu" and b.isolate else {},
         "started": started, "wall_s": round(time.monotonic() - t0, 1), "facts": facts, "runs": runs,
-        "meta_info": provenance.meta_info(torch.device(facts["device"])),
+        "meta_info": {**provenance.meta_info(torch.device(facts["device"])),
+                      "hub_kernels": hub_kernels.record(cfg.model.hub_kernels)},
     }
     result["summary"], result["goals"] = summarize(runs, facts, list(b.methods), list(b.budgets), list(b.layers))
     name = b.name or f"{cfg.model.name}-{facts['device'].split(':')[0]}"

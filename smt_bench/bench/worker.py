@@ -14,6 +14,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .. import hub_kernels
 from ..memory import PeakMemory, breakdown, saved_activation_bytes, tensor_bytes
 from ..methods.base import Context
 from ..trainer import autocast_for
@@ -32,7 +33,10 @@ def _model(spec: dict, device: torch.device):
     config.num_hidden_layers = spec["layers"]
     torch.manual_seed(0)
     with torch.device(device):  # random init where it will run: a 7B model never exists on the host
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if spec.get("hub_kernels"):  # model.hub_kernels, as a run loads it (smt_bench/hub_kernels.py)
+        hub_kernels.enable(model)
+    return model
 
 
 def _method(spec: dict):
@@ -74,6 +78,8 @@ def measure(spec: dict) -> dict:
         out["prepare_s"] = time.perf_counter() - t0
         out["prepare_peak_bytes"] = mem.stop()
         model = tuned.model
+        if spec.get("hub_kernels"):
+            hub_kernels.check(model, spec["name"])
         if spec["name"] == REFERENCE:
             from ..methods.smt.reference import to_reference
 
