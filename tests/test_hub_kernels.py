@@ -120,13 +120,13 @@ def _toy():
 
 
 # ToyBlock is defined here, so the check would call it foreign; these cases are about what lies below it
-@pytest.fixture(autouse=True)
-def _toy_is_the_models_own(monkeypatch):
+@pytest.fixture
+def toy_is_the_models_own(monkeypatch):
     real = hub_kernels._own
     monkeypatch.setattr(hub_kernels, "_own", lambda m: type(m) in (ToyBlock,) or real(m))
 
 
-def test_untouched_hub_layers_pass_and_their_own_parameters_may_train():
+def test_untouched_hub_layers_pass_and_their_own_parameters_may_train(toy_is_the_models_own):
     model = _toy()
     model[0].scale.requires_grad_(True)  # full FT trains RMSNorm's weight: the kernel computes its gradient
     model[1].weight.requires_grad_(True)  # a projection outside every hub layer
@@ -140,7 +140,7 @@ def test_untouched_hub_layers_pass_and_their_own_parameters_may_train():
     (lambda m: m[0].proj.register_forward_pre_hook(lambda *a: None), r"0\.proj, and it hooks that module's forward"),
     (lambda m: m.__setitem__(0, MethodBlock()), r"replaces 0 \(hub layer ToyBlock\) with MethodBlock"),
 ])
-def test_what_a_kernel_would_bypass_is_refused_in_one_line(change, says):
+def test_what_a_kernel_would_bypass_is_refused_in_one_line(change, says, toy_is_the_models_own):
     import re
 
     model = _toy()
