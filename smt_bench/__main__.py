@@ -38,6 +38,48 @@ def check_group_choices(argv: list[str], conf: Path = CONF) -> None:
                 _fail(f"unknown {key} {v!r}; choose one of: {', '.join(choices)}{hint}")
 
 
+# the config groups a user chooses from, with what each decides (`python -m smt_bench --help`); the other
+# folders of conf/ are chosen for the user (recipe_method: by recipe and method) or belong to another app
+# (bench: python -m smt_bench.bench)
+USER_GROUPS = {
+    "method": "the fine-tuning method and its own keys (method.<key>=...)",
+    "budget": "trainable parameters as a fraction of the model; sweep = 0.5, 1, 2, 5% (or budget.fraction=F)",
+    "model": "the base model (smollm2-135m: the embedded default, offline; model.source.path_or_id=DIR for any)",
+    "data": "training data (bundled: generated offline; local / commonsense170k / math10k: your files)",
+    "train": "optimizer, schedule, steps or epochs, batch, precision, checkpoints",
+    "eval": "the evaluation suite, scored with lm-eval on the tuned model (and forgetting)",
+    "logger": "where metrics go besides the result file (wandb is offline unless told otherwise)",
+    "recipe": "a published protocol's hyper-parameters (embedded: the short CPU default)",
+    "experiment": "a paper experiment as a preset sweep (experiment=paper/qkv ...; run it with -m)",
+    "hydra/launcher": "where a sweep's jobs run: basic (in this process), local (processes), slurm (submitit)",
+}
+INTERNAL_GROUPS = {"recipe_method", "bench", "hydra"}
+DOCS = "docs/config.md"
+
+
+def help_text(conf: Path = CONF) -> str:
+    """What a user can choose: each user-facing group with a line on what it decides and its options read
+    from conf/ (so the list cannot go stale), the keys, and where the docs are."""
+    lines = ["smt-bench: fine-tune a model with one method at one trainable-parameter budget, evaluate it, and",
+             "write one result file; a sweep (-m) runs every combination of comma-separated values.", "",
+             "usage: python -m smt_bench [-m] [group=option ...] [key=value ...]", "", "config groups (group=option):"]
+    for group, what in USER_GROUPS.items():
+        folder = conf / group
+        options = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+        if group == "hydra/launcher":
+            options = ["basic", *options]
+        lines += [f"  {group:<15} {what}", f"  {'':<15}   {', '.join(options)}"]
+    lines += ["", "keys: any key of the composed config, e.g. seed=1 train.max_steps=50 results.dir=DIR results.tag=NAME;",
+              "  python -m smt_bench <overrides> --cfg job prints the whole config.",
+              "examples:",
+              "  python -m smt_bench method=smt budget=sweep",
+              "  python -m smt_bench -m method=smt,lora,dora budget=sweep seed=0,1,2",
+              "  python -m smt_bench.analysis outputs/results --out outputs/results/analysis",
+              f"docs: {DOCS} (every group and key), docs/running.md (runs and sweeps), docs/README.md (all topics);",
+              "  Hydra's own options: python -m smt_bench --hydra-help"]
+    return "\n".join(lines)
+
+
 def _multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -180,8 +222,11 @@ def main() -> None:
     from .results import finished
 
     argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return
     check_group_choices(argv)
-    if any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
+    if any(a in ("--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
         app()
         return
     jobs = _agreed_preflight(argv)

@@ -49,8 +49,12 @@ def write_json_atomic(path: Path, obj) -> None:
         raise
 
 
-def run_file(results_dir: str | Path, group: str, method: str, fraction: float, seed: int, run_id: str) -> Path:
-    return Path(results_dir) / "runs" / group / f"{method}-b{fraction:g}-s{seed}-{run_id}.json"
+def run_file(results_dir: str | Path, group: str, method: str, fraction: float, seed: int, run_id: str,
+             tag: str | None = None) -> Path:
+    """<dir>/runs/<group>/<method>[-<tag>]-b<fraction>-s<seed>-<id>.json: the tag (results.tag) names a
+    variant for people; the id names the computation."""
+    name = f"{method}-{tag}" if tag else method
+    return Path(results_dir) / "runs" / group / f"{name}-b{fraction:g}-s{seed}-{run_id}.json"
 
 
 def checkpoint_dir(result_path: Path) -> Path:

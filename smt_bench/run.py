@@ -107,7 +107,8 @@ class Prepared:
         self.source = _build(cfg.model.source, "model")
         self.data = _build(cfg.data, "data")
         self.device = _device(cfg.device, self.world)
-        self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id)
+        self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id,
+                             cfg.results.get("tag"))
         self.shapes = meta_shapes(self.source.hf_config())
         self.target = round(frac * self.shapes.total_params)
         self.plan = self.method.plan(self.shapes, self.target)

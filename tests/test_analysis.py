@@ -346,13 +346,14 @@ def test_settings_series_duplicates_no_ft_and_no_eval(tmp_path):
     assert sum("train.max_steps=50" in l for l in labels) == 1 and sum("no evaluation" in l for l in labels) == 1
     assert "eval.protocol=generative-first-match (LLM-Ada…," in labels[0]  # long values are cut
     main = c[c["setting"].str.contains("max_steps=20") & ~c["setting"].str.contains("no evaluation")]
-    assert sorted(set(main["series"])) == ["smt (selection=per_matrix)", "smt (selection=unset)"]
-    assert main[(main["series"] == "smt (selection=unset)") & (main["budget_fraction"] == 0.01)]["acc_mean"].item() == 51.0
+    assert sorted(set(main["series"])) == ["smt", "smt (selection=per_matrix)"]  # the main series, then the variant
+    assert main[(main["series"] == "smt") & (main["budget_fraction"] == 0.01)]["acc_mean"].item() == 51.0
+    assert set(main[main["main"]]["series"]) == {"smt"} and set(main["variant"]) == {"", "selection=per_matrix"}
     assert main["mem_ratio"].isna().all()  # no full FT
     analyze([str(res)], tmp_path / "out", Options(n_boot=20))
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.count("No full-FT run in this setting") == 3
-    assert "## Duplicate seeds ignored" in report
+    assert "### Runs present twice" in report and "dup000000000.json` | `" in report
     runs = __import__("pandas").read_csv(tmp_path / "out" / "runs.csv")
     smt_slugs = set(runs[runs["method"] == "smt"]["setting_slug"])
     for slug in ("tiny-llama-bundled-1", "tiny-llama-bundled-2", "tiny-llama-bundled-3"):
@@ -360,6 +361,58 @@ def test_settings_series_duplicates_no_ft_and_no_eval(tmp_path):
             path = tmp_path / "out" / "figures" / slug / f"{stem}.png"
             assert path.stat().st_size > 1000 if slug in smt_slugs or stem != "smt_blocks" else not path.exists()
     assert len(smt_slugs) == 2
+
+
+def _smt(budget, seed, acc, configured, ran, **kw):
+    d = run_doc("smt", budget, seed, acc, block_map=smt_map(), method_extra={"block_size": configured}, **kw)
+    d["method_info"]["block_size"] = ran  # what the model's shapes reduced the configured bound to
+    return d
+
+
+def test_configs_that_compute_the_same_thing_are_one_series_and_a_copy_is_named(tmp_path):
+    """block_size=256 and block_size=64 both ran 64² blocks: one series, labelled by what ran; the same run
+    in two files is reported with both paths (stderr and report), the newest finished copy used."""
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        write_run(res, _smt(0.01, seed, 50.0 + seed, 64, 64))
+        write_run(res, _smt(0.02, seed, 55.0 + seed, 256, 64))
+    newer = _smt(0.01, 0, 58.0, 256, 64)  # seed 0 at 1% again, under the other bound, finished later
+    newer["run_info"]["updated_at"] = "2026-02-01T00:00:00+00:00"
+    newer_path = write_run(res, newer).relative_to(tmp_path).as_posix()
+    older_path = next(p for p in res.rglob("smt-b0.01-s0-*.json") if p.name != Path(newer_path).name)
+    older_path = older_path.relative_to(tmp_path).as_posix()
+    other = _smt(0.01, 0, 20.0, 256, 32)  # a bound that resolved otherwise (another model) is another computation
+    other["run_info"]["id"] = "other0000000"
+    write_run(res, other)
+    warnings = []
+    analyze([str(res)], tmp_path / "out", Options(n_boot=10), warn=warnings.append)
+    assert warnings == [f"run present twice: {older_path} and {newer_path} are the same computation, budget and "
+                        f"seed; using {newer_path} (the newest finished copy)"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"| `{older_path}` | `{newer_path}` |" in report
+    series = {r[0]: r for r in _rows(report, "Series")[1:]}
+    assert set(series) == {"smt", "smt (block_size=32)"} and series["smt"][2] == "4"  # runs used
+    assert "block_size=64" in series["smt"][3] and series["smt (block_size=32)"][3] == "main, except block_size=32"
+    cells = __import__("pandas").read_csv(tmp_path / "out" / "cells.csv")
+    one = cells[(cells["series"] == "smt") & (cells["budget_fraction"] == 0.01)]
+    assert one["acc_mean"].item() == (58.0 + 51.0) / 2  # the newer copy of seed 0, and seed 1
+
+
+def test_a_tag_names_its_series(tmp_path):
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        write_run(res, run_doc("lora", 0.01, seed, 40.0))
+        tagged = run_doc("lora", 0.01, seed, 45.0, method_extra={"lr": 3e-4})
+        tagged["config"]["results"]["tag"] = "hot_lr"
+        write_run(res, tagged)
+    analyze([str(res)], tmp_path / "out", Options(n_boot=10))
+    report = (tmp_path / "out" / "report.md").read_text()
+    series = {r[0]: r for r in _rows(report, "Series")[1:]}
+    assert set(series) == {"lora", "lora (hot_lr)"} and series["lora"][1] == "yes"
+    assert series["lora (hot_lr)"][3] == "main, except hot_lr"
+    head = _rows(report.split("## Details", 1)[0] + "\n### end\n", "end")  # nothing: the headline has no ### table
+    assert head == []
+    assert "| lora | 40.0 ± 0.0 |" in report.split("## Details", 1)[0]  # the main comparison shows the main series
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -505,8 +558,11 @@ def test_smt_runs_from_before_the_accumulation_option_read_as_score_sum(tmp_path
                            method_extra={"score_accumulation": "grad_sum", "accumulator_device": "cpu"}))
     analyze([str(res)], tmp_path / "out", Options())
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "smt (accumulator_device=cpu, score_accumulation=grad_sum)" in report
-    assert "smt (accumulator_device=same, score_accumulation=score_sum)" in report
+    series = dict(r[:1] + r[3:] for r in _rows(report, "Series")[1:])  # label -> method config (long form)
+    variant = next(k for k in series if k != "smt")  # one series is the main one, the other named by its difference
+    legacy, new = "accumulator_device=same", "accumulator_device=cpu"
+    assert "score_accumulation=score_sum" in series["smt"] + variant and "score_accumulation=grad_sum" in series["smt"] + variant
+    assert variant in (f"smt ({new}, score_accumulation=grad_sum)", f"smt ({legacy}, score_accumulation=score_sum)")
     rows = _rows(report, "SMT selection stability")[1:]
     assert rows == [["accumulation", "1%", "grad_sum vs score_sum", "1", f"{14 / 16:.3f}", f"{14 / 16:.3f}"]]
 
@@ -617,7 +673,7 @@ def test_a_registered_method_contributes_columns_a_section_and_a_figure(tmp_path
     analyze([str(res)], tmp_path / "out", Options(n_boot=10))
     report = (tmp_path / "out" / "report.md").read_text()
     assert "### Toy knobs\n\nMost knobs: 7.\n" in report
-    assert "5. **Toy knobs.** Knobs per run." in report  # after the four shared figures
+    assert "**Figure 5. Toy knobs.** Knobs per run." in report  # after the four shared figures
     assert (tmp_path / "out" / "figures" / "tiny-llama-bundled" / "toy_knobs.png").stat().st_size > 1000
     import pandas as pd
 

@@ -290,11 +290,13 @@ def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose,
 
 
 def test_sweep_ends_with_a_table_and_the_analysis_command(cli, tmp_path, smollm2_path, only_progress_bars):
-    results = tmp_path / "results"
+    """With the default results.dir (outputs/results, never the committed studies' results/), the printed
+    analysis command reports exactly this sweep's runs."""
+    results = tmp_path / "cwd" / "outputs" / "results"
     small = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=2", "train.batch_size=2",
              "train.max_len=128", "train.eval_every=0", "train.val_batches=1", "data.n_train_per_task=4",
              "data.n_val_per_task=1", "data.n_test_per_task=1", "eval.max_new_tokens=2", "eval.batch_size=6"]
-    proc = cli("-m", *small, "seed=0,1", f"results.dir={results}")
+    proc = cli("-m", *small, "seed=0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert only_progress_bars(proc.stderr)
     out = proc.stdout.splitlines()
@@ -307,12 +309,14 @@ def test_sweep_ends_with_a_table_and_the_analysis_command(cli, tmp_path, smollm2
         r = json.loads(next(results.rglob(f"lora-b0.005-s{seed}-*.json")).read_text())
         assert cells[:4] == [str(i), f"seed={seed}", "finished", f"{r['summary']['trainable_pct']:.2f}"]
         assert cells[4] == f"{r['summary']['mean_accuracy']:.1f}" and cells[-1].startswith(f"lora-b0.005-s{seed}-")
-    command = f"python -m smt_bench.analysis {results} --out {results}/analysis"
+    command = "python -m smt_bench.analysis outputs/results --out outputs/results/analysis"
     assert out[-1] == f"[smt-bench] report and figures: {command}"
-    # the printed command works as printed
-    ran = subprocess.run([sys.executable, *command.split()[1:]], cwd=tmp_path, capture_output=True, text=True)
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    assert (results / "analysis" / "report.md").is_file()
+    # the printed command works as printed, and reports exactly the sweep's two runs
+    ran = subprocess.run([sys.executable, *command.split()[1:]], cwd=tmp_path / "cwd", capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr[-2000:]
+    report = (results / "analysis" / "report.md").read_text()
+    assert report.startswith("# smt-bench analysis\n\nFrom 2 run files: 2 finished, 0 not finished, 0 not readable "
+                             "as a run, 0 runs present twice")
 
 
 def test_run_id_is_stable_and_follows_the_semantic_config(compose, tmp_path, smollm2_path):
@@ -327,6 +331,41 @@ def test_run_id_is_stable_and_follows_the_semantic_config(compose, tmp_path, smo
     other = Prepared(compose(*RUN, "train.max_steps=5", f"results.dir={tmp_path / 'a'}"))
     assert other.run_id != a.run_id
     assert Prepared(compose(*RUN, "seed=1", f"results.dir={tmp_path / 'a'}")).path.name.startswith("lora-b0.005-s1-")
+
+
+def test_default_results_dir_is_not_the_committed_studies(compose, smollm2_path):
+    from smt_bench.__main__ import compose_config
+
+    cfg = compose_config([])
+    assert cfg.results.dir == "outputs/results" and cfg.results.tag is None
+    assert list((REPO / "results").glob("*/runs/*/*.json"))  # where the committed studies are
+    assert not (REPO / cfg.results.dir).resolve().is_relative_to((REPO / "results").resolve())
+    assert "outputs/" in (REPO / ".gitignore").read_text().split()
+
+
+def test_a_tag_names_the_file_not_the_run(compose, tmp_path, smollm2_path):
+    plain = Prepared(compose(*RUN, f"results.dir={tmp_path}"))
+    tagged = Prepared(compose(*RUN, "results.tag=qkv_only", f"results.dir={tmp_path}"))
+    assert tagged.run_id == plain.run_id and tagged.path.parent == plain.path.parent
+    assert tagged.path.name == plain.path.name.replace("lora-b", "lora-qkv_only-b", 1)
+
+
+def test_help_lists_what_a_user_chooses(cli):
+    from smt_bench.__main__ import INTERNAL_GROUPS, USER_GROUPS
+    from smt_bench.schema.store import CONF
+
+    proc = cli("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    listed = [l.split()[0] for l in proc.stdout.splitlines() if l.startswith("  ") and not l.startswith("   ")]
+    assert listed[:len(USER_GROUPS)] == list(USER_GROUPS)
+    for hidden in ("schema/", "recipe_method", "\nbench", "  bench", "== Config =="):
+        assert hidden not in proc.stdout
+    assert "docs/config.md" in proc.stdout
+    folders = {p.name for p in CONF.iterdir() if p.is_dir()}  # every group of conf/ is either listed or internal
+    assert folders == {g.split("/")[0] for g in USER_GROUPS} | INTERNAL_GROUPS
+    for group in USER_GROUPS:  # each option of each group is named
+        for p in (CONF / group).rglob("*.yaml"):
+            assert p.relative_to(CONF / group).with_suffix("").as_posix() in proc.stdout
 
 
 def test_full_ft_in_a_mixed_sweep_is_one_run_id(compose, tmp_path, smollm2_path):

@@ -207,6 +207,7 @@ CASES = {
     # --- results -----------------------------------------------------------------------------------
     "results-group-absolute": (lambda t: [*TINY, "results.group=/etc"], r"results\.group=/etc: must be a relative path"),
     "results-group-escapes": (lambda t: [*TINY, "results.group=../x"], r"results\.group=\.\./x: must be a relative path"),
+    "results-tag-with-a-dash": (lambda t: [*TINY, "results.tag=a-b"], r"results\.tag=a-b: must be up to 48 letters"),
     "results-flag-not-bool": (lambda t: [*TINY, "results.export=yes please"], r"results\.export=yes please: must be true or false"),
     # --- sweeps ------------------------------------------------------------------------------------
     "sweep-one-unreachable": (lambda t: [*TINY, "method=lora", "budget=sweep"],

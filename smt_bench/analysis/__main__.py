@@ -30,7 +30,7 @@ def _warn(msg: str):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m smt_bench.analysis", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", metavar="RESULTS_DIR",
-                   help="folders searched recursively for run files (results/runs/**.json)")
+                   help="folders searched recursively for run files (<results.dir>/runs/**/*.json, e.g. outputs/results)")
     p.add_argument("--out", required=True, help="output folder: report.md, figures/, runs.csv, cells.csv")
     p.add_argument("--epsilon", type=float, default=0.5,
                    help="plateau threshold: accuracy points gained per doubling of the budget (default 0.5)")

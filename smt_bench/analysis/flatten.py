@@ -21,6 +21,16 @@ def with_legacy_defaults(cfg: dict) -> dict:
     return {**cfg, "method": {**method, **missing}} if missing else cfg
 
 
+def with_resolved(cfg: dict, method_info: dict) -> dict:
+    """The method keys a run resolved (its contribution's `resolved`: e.g. a block size given as an upper bound
+    the model's shapes reduce) replaced by the value it ran with, where its method_info records one."""
+    method = cfg.get("method") or {}
+    c = registry.contribution(method.get("name"))
+    ran = {k: v for k, f in (c.resolved if c else {}).items() if (v := f(method_info or {})) is not None}
+    changed = {k: v for k, v in ran.items() if method.get(k) != v}
+    return {**cfg, "method": {**method, **changed}} if changed else cfg
+
+
 def _num(v):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
@@ -56,6 +66,9 @@ def flatten(obj: dict, file: str) -> dict:
         # full FT trains 100% whatever budget its config carried (older runs kept the sweep's value)
         "budget_fraction": 1.0 if finished and ti.get("trainable_pct_target") == 100 else float(cfg["budget"]["fraction"]),
         "seed": int(cfg["seed"]),
+        "tag": str((cfg.get("results") or {}).get("tag") or ""),  # the user's name for a variant (results.tag)
+        "created_at": str(ri.get("created_at") or ""),
+        "updated_at": str(ri.get("updated_at") or ri.get("created_at") or ""),
         "protocol": ev.get("protocol") if isinstance(ev.get("protocol"), str) else
         ("no evaluation" if finished else "not evaluated"),
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .flatten import flatten, flatten_config, with_legacy_defaults
+from .flatten import flatten, flatten_config, with_legacy_defaults, with_resolved
 from .schema import SchemaError, validate
 from .settings import assign_settings
 
@@ -49,10 +49,10 @@ def find_run_files(inputs: list[str | Path]) -> list[tuple[str, Path]]:
     for raw in inputs:
         root = Path(raw)
         if not root.exists():
-            raise AnalysisError(f"{raw}: no such file or directory; pass a results folder (e.g. results/)")
+            raise AnalysisError(f"{raw}: no such file or directory; pass a results folder (e.g. outputs/results)")
         if root.is_file():
             if root.suffix != ".json":
-                raise AnalysisError(f"{raw}: not a .json file; pass a results folder (e.g. results/)")
+                raise AnalysisError(f"{raw}: not a .json file; pass a results folder (e.g. outputs/results)")
             found.setdefault(root.resolve(), root.as_posix())
             taken.setdefault(root.as_posix(), root.resolve())
             continue
@@ -87,7 +87,7 @@ def load(inputs: list[str | Path], warn=None) -> Loaded:
     files = find_run_files(inputs)
     if not files:
         raise AnalysisError(f"no run files under {', '.join(map(str, inputs))} "
-                            f"(expected results/runs/<group>/*.json written by python -m smt_bench)")
+                            f"(expected <results.dir>/runs/<group>/*.json written by python -m smt_bench)")
     rows, out = [], Loaded(runs=pd.DataFrame(), n_files=len(files))
     for display, path in files:
         try:
@@ -102,7 +102,8 @@ def load(inputs: list[str | Path], warn=None) -> Loaded:
             try:
                 validate(obj)
                 rows.append(flatten(obj, display))
-                out.configs[display] = with_legacy_defaults(obj["config"])
+                # what the run computed with: older keys at the value they had, resolved keys at what ran
+                out.configs[display] = with_resolved(with_legacy_defaults(obj["config"]), obj.get("method_info"))
                 out.run_info[display] = obj["run_info"]
                 out.meta[display] = obj.get("meta_info") or {}
                 out.method_info[display] = obj.get("method_info") or {}

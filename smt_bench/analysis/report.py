@@ -17,7 +17,7 @@ from . import figures as F
 from . import registry
 from .load import AnalysisError, Loaded, load
 from .published import load_published, published_groups, published_section
-from .sections import failures_section, header, provenance_section, setting_section
+from .sections import conventions, details, failures_section, header, headline, provenance_section
 from .stats import cells as make_cells, detect_plateau, pareto_front, reference_method, select_runs
 
 
@@ -42,13 +42,17 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
         raise AnalysisError(f"--out {out}: exists and is not a folder")
 
     kept, duplicates = select_runs(loaded.runs)
+    for dropped, used in duplicates:
+        if warn:
+            warn(f"run present twice: {dropped} and {used} are the same computation, budget and seed; "
+                 f"using {used} (the newest finished copy)")
     cells = make_cells(kept)
     pal = _palette(loaded, kept, cells)
     settings = _settings(loaded, kept, cells, pal, opts)
 
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "figures"
-    lines = header(loaded, kept, duplicates, opts)
+    lines, detail_lines = header(loaded, kept, duplicates, opts), []
     with F.styled():
         for s in settings:
             own = [c for c in registry.contributions() if c.method in set(s.runs["method"])]
@@ -58,16 +62,19 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
                 if fig is not None:
                     F.save(fig, fig_dir / s.slug, f.stem)
                     listed += [f] if f.listed else []
-            lines += setting_section(s, [line for c in own for section in c.sections for line in section(s)], listed)
+            lines += headline(s, listed)
+            detail_lines += details(s, [line for c in own for section in c.sections for line in section(s)])
         groups, pub_rows = published_groups(published, cells, pal)
         F.save(F.published_overlay(groups, pal), fig_dir, "published_overlay")
 
+    lines += detail_lines
     lines += published_section(groups, pub_rows)
     lines += failures_section(loaded, duplicates)
+    lines += conventions(opts)
     lines += provenance_section(loaded)
     text = "\n".join(lines).rstrip("\n") + "\n"
     (out / "report.md").write_text(text, encoding="utf-8")
-    _write_csv(loaded.runs.drop(columns=["setting_key", "config_key"]), out / "runs.csv")
+    _write_csv(loaded.runs.drop(columns=["setting_key", "config_key", "series_key"]), out / "runs.csv")
     if len(cells):
         _write_csv(cells.drop(columns=["setting_key"]), out / "cells.csv")
     return out / "report.md"

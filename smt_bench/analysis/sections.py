@@ -4,6 +4,10 @@ Method-specific sections come from the registry and are spliced into each settin
 """
 from __future__ import annotations
 
+import json
+
+import numpy as np
+
 from .load import Loaded
 from .markdown import acc, anchor, pct, plural, table
 from .registry import Figure, Setting
@@ -11,7 +15,7 @@ from .stats import fmt, fmt_budget
 
 
 def header(loaded: Loaded, kept, duplicates, opts) -> list[str]:
-    """Counts, conventions (opts: report.Options) and the list of settings."""
+    """Counts and the list of settings; the conventions come at the end (conventions())."""
     runs = loaded.runs
     n_fin = int((runs["status"] == "finished").sum())
     by_status = runs[runs["status"] != "finished"]["status"].value_counts()
@@ -21,16 +25,11 @@ def header(loaded: Loaded, kept, duplicates, opts) -> list[str]:
         "# smt-bench analysis",
         "",
         f"From {plural(loaded.n_files, 'run file')}: {n_fin} finished, {not_fin}, {len(loaded.bad)} not "
-        f"readable as a run (listed at the end), {plural(len(duplicates), 'duplicate seed')} ignored. Figures and tables use "
-        f"finished runs only: {plural(len(kept), 'run')} in {plural(kept['setting_key'].nunique() if len(kept) else 0, 'setting')}.",
-        "",
-        "Conventions: accuracy in points (%), mean over seeds ± the 95% Student-t half-width (no interval with one "
-        "seed). A *setting* is everything but method, budget and seed (model, data, training and evaluation "
-        "config, the evaluation protocol); numbers are only compared within one. Ratios are against full FT of the "
-        "same setting. *Plateau*: the smallest budget from which every further gain in mean accuracy per doubling "
-        f"of the budget is below ε = {opts.epsilon:.2f} points (or negative); \"none\" when the last step still "
-        f"gains ≥ ε. Its interval is a 95% bootstrap over seeds ({opts.n_boot} resamples of each budget's seeds, "
-        f"RNG seed {opts.seed}).",
+        f"readable as a run, {plural(len(duplicates), 'run')} present twice (the newest finished copy kept). "
+        f"Tables and figures use finished runs only: {plural(len(kept), 'run')} in "
+        f"{plural(kept['setting_key'].nunique() if len(kept) else 0, 'setting')}; what was left out is listed under "
+        "[Runs left out](#runs-left-out). Accuracy is in points, mean over seeds ± the 95% Student-t half-width; "
+        "ratios are against full FT of the same setting ([Conventions](#conventions)).",
         "",
     ]
     if len(kept):
@@ -41,15 +40,38 @@ def header(loaded: Loaded, kept, duplicates, opts) -> list[str]:
     return out
 
 
+def conventions(opts) -> list[str]:
+    return ["## Conventions", "",
+            "Accuracy in points (%), mean over seeds ± the 95% Student-t half-width (no interval with one seed). "
+            "A *setting* is everything but method, budget and seed (model, data, training and evaluation config, "
+            "the evaluation protocol); numbers are only compared within one. A *series* is a method's runs that "
+            "compute the same thing (the same resolved method config, e.g. a block size as the model's shapes resolved it, under one "
+            "`results.tag`); each method's *main* series is the untagged one that covers the most budgets (then the "
+            "most runs, then the newest), and every other series is named by its tag or by the keys in which it "
+            "differs from the main one. Ratios are against full FT of the same setting. *Plateau*: the smallest "
+            "budget from which every further gain in mean accuracy per doubling of the budget is below "
+            f"ε = {opts.epsilon:.2f} points (or negative); \"none\" when the last step still gains ≥ ε. Its interval "
+            f"is a 95% bootstrap over seeds ({opts.n_boot} resamples of each budget's seeds, RNG seed {opts.seed}).", ""]
+
+
 def _seeds_label(cell_seeds: tuple, all_seeds: set) -> str:
     missing = sorted(all_seeds - set(cell_seeds))
     n = len(cell_seeds)
     return f"{n} (no {', '.join(f's{s}' for s in missing)})" if missing else str(n)
 
 
-def setting_section(s: Setting, contributed: list[str], figures: list[Figure]) -> list[str]:
-    """The shared tables of one setting, then the methods' own sections, then its listed figures."""
-    c, plateaus, pal, label, slug = s.cells, s.plateaus, s.palette, s.label, s.slug
+def _range(values, spec: str = ".2f") -> str:
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return "—"
+    lo, hi = fmt(min(v), spec), fmt(max(v), spec)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def headline(s: Setting, figures: list[Figure]) -> list[str]:
+    """One setting's main comparison: each method's main series, accuracy per budget, memory and step time
+    against full FT and the plateau; then the setting's figures, inline."""
+    c, pal, label, slug = s.cells, s.palette, s.label, s.slug
     out = [f"## {label}", ""]
     devices = sorted(set(",".join(c["devices"]).split(",")) - {""})
     kinds = sorted(set(",".join(c["peak_memory_kind"]).split(",")) - {""})
@@ -57,19 +79,48 @@ def setting_section(s: Setting, contributed: list[str], figures: list[Figure]) -
                f"Peak memory: {', '.join(kinds) or 'unknown'}.")
     if len(devices) > 1:
         out.append("**Mixed devices:** memory and throughput ratios compare runs from different machines.")
+    if not c["ft_series"].iloc[0]:
+        out.append("No full-FT run in this setting: the ratio columns are empty and the figures show absolute values.")
+    out.append("")
+    main = c[c["main"]]
+    budgets = sorted(set(main["budget_fraction"]))
+    order = sorted(set(main["series"]), key=lambda x: (pal.key(main[main["series"] == x]["method"].iloc[0]), x))
+    rows = []
+    for series in order:
+        sc = main[main["series"] == series]
+        at = {b: r for b, r in zip(sc["budget_fraction"], sc.itertuples())}
+        pl = s.plateaus.get(series)
+        plateau = "" if series not in s.plateaus else ("n/a" if pl is None else
+                                                       "none in range" if pl.index is None else fmt_budget(pl.budget))
+        rows.append([series, *[acc(at[b].acc_mean, at[b].acc_ci) if b in at else "" for b in budgets],
+                     _range(sc["mem_ratio"]), _range(sc["step_ratio"]), plateau])
+    n_seeds = sorted(set(main["n_runs"]))
+    out += [f"**Main comparison**: each method at its main settings; accuracy (points) per trainable budget, "
+            f"{'/'.join(map(str, n_seeds))} seed{'s' if n_seeds != [1] else ''} a cell; memory and step time as the "
+            "range over the budgets. Every series, with its exact config, is under Details.", ""]
+    out += table(["method", *[fmt_budget(b) for b in budgets], "peak memory / FT", "step time / FT", "plateau from"],
+                 rows)
+    for n, f in enumerate(figures, 1):
+        out += [f"**Figure {n}. {f.title}.** {f.caption}", "", figure_link(f.title, slug, f.stem), ""]
+    return out
+
+
+def details(s: Setting, contributed: list[str]) -> list[str]:
+    """Every series of one setting: what it is, every cell, the plateaus, per-task accuracy, then the
+    methods' own sections."""
+    c, plateaus, pal = s.cells, s.plateaus, s.palette
+    out = [f"## Details: {s.label}", ""]
     ft_series = c["ft_series"].iloc[0]
     if ft_series:
         ft = c[(c["series"] == ft_series)].iloc[-1]
-        out.append(f"Full-FT reference: `{ft_series}` ({ft['n_runs']} run{'s' if ft['n_runs'] != 1 else ''}, "
-                   f"accuracy {acc(ft['acc_mean'], ft['acc_ci'])}).")
-    else:
-        out.append("No full-FT run in this setting: the ratio columns are empty and the figures show absolute values.")
-    out.append("")
+        out += [f"Full-FT reference: `{ft_series}` ({ft['n_runs']} run{'s' if ft['n_runs'] != 1 else ''}, "
+                f"accuracy {acc(ft['acc_mean'], ft['acc_ci'])}).", ""]
+    out += series_section(s)
 
     out += ["### Results", ""]
     rows = []
-    order = sorted(range(len(c)), key=lambda i: (pal.key(c.iloc[i]["method"]), c.iloc[i]["series"],
-                                                 c.iloc[i]["budget_fraction"]))
+    order = sorted(range(len(c)), key=lambda i: (pal.key(c.iloc[i]["method"]), not c.iloc[i]["main"],
+                                                 c.iloc[i]["series"], c.iloc[i]["budget_fraction"]))
     seeds_by_series = {x: set(v for t in c[c["series"] == x]["seeds"] for v in t) for x in set(c["series"])}
     first = {}
     for i in order:
@@ -90,9 +141,9 @@ def setting_section(s: Setting, contributed: list[str], figures: list[Figure]) -
                      f"{pct(r['trainable_pct'])} / {pct(r['trainable_pct_target'])}",
                      fmt(r["mem_ratio"], ".2f"), fmt(r["tput_ratio"], ".2f"), fmt(r["step_ratio"], ".2f"),
                      "yes" if r["pareto"] else "", mark])
-    out += table(["method", "budget", "seeds", "accuracy", "trainable % (achieved / target)", "peak memory / FT",
+    out += table(["series", "budget", "seeds", "accuracy", "trainable % (achieved / target)", "peak memory / FT",
                    "tokens/s / FT", "step time / FT", "Pareto", "plateau"], rows)
-    out += ["Seeds: runs per budget, naming seeds the method has elsewhere but not here. Budget is the target "
+    out += ["Seeds: runs per budget, naming seeds the series has elsewhere but not here. Budget is the target "
             "fraction of the model's parameters.", ""]
 
     out += ["### Plateau", ""]
@@ -108,7 +159,7 @@ def setting_section(s: Setting, contributed: list[str], figures: list[Figure]) -
         p_none = fmt(pl.p_none, ".2f")
         rows.append([series, "none in range" if pl.index is None else fmt_budget(pl.budget), ci, p_none, gains])
     if rows:
-        out += table(["method", "plateau from", "bootstrap 95% interval", "P(no plateau)",
+        out += table(["series", "plateau from", "bootstrap 95% interval", "P(no plateau)",
                        "gain per doubling (points)"], rows)
     else:
         out += ["No method with a budget sweep in this setting.", ""]
@@ -119,13 +170,44 @@ def setting_section(s: Setting, contributed: list[str], figures: list[Figure]) -
         out.append("")
         rows = [[c.iloc[i]["series"], fmt_budget(c.iloc[i]["budget_fraction"])]
                 + [fmt(c.iloc[i][col], ".1f") for col in acc_cols] for i in order]
-        out += table(["method", "budget"] + [col[4:] for col in acc_cols], rows)
+        out += table(["series", "budget"] + [col[4:] for col in acc_cols], rows)
+    return out + contributed
 
-    out += contributed
-    out += ["### Figures", ""]
-    for n, f in enumerate(figures, 1):
-        out += [f"{n}. **{f.title}.** {f.caption}", "", f"   {figure_link(f.title, slug, f.stem)}", ""]
-    return out
+
+def series_section(s: Setting) -> list[str]:
+    """What each series label stands for: the main series' whole method config, each variant's difference."""
+    runs, pal = s.runs, s.palette
+    rows = []
+    for (method, series), g in sorted(runs.groupby(["method", "series"], sort=True),
+                                      key=lambda t: (pal.key(t[0][0]), not t[1]["main"].iloc[0], t[0][1])):
+        r = g.iloc[0]
+        cfg = {k[len("cfg.method."):]: r[k] for k in sorted(g.columns) if k.startswith("cfg.method.")
+               and k != "cfg.method.name" and not _empty(r[k])}
+        what = ", ".join(f"{k}={_short(v)}" for k, v in cfg.items()) if r["main"] else f"main, except {r['variant']}"
+        if r["main"] and r["tag"]:
+            what = f"tag {r['tag']}: {what}"
+        rows.append([series, "yes" if r["main"] else "", str(len(g)), what])
+    return ["### Series", "", "Each method's config as it ran (resolved where the model decides, e.g. a block "
+            "size); a variant is named by its `results.tag` or by the keys in which it differs from its method's "
+            "main series.", "", *table(["series", "main", "runs", "method config"], rows)]
+
+
+def _empty(v) -> bool:
+    return v is None or (isinstance(v, float) and not np.isfinite(v)) or v == ""
+
+
+def _short(v) -> str:
+    if isinstance(v, str):
+        try:
+            x = json.loads(v)
+        except ValueError:
+            return v
+        if isinstance(x, list):
+            return ",".join(str(i) for i in x)
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def figure_link(title: str, slug: str, stem: str) -> str:
@@ -133,7 +215,7 @@ def figure_link(title: str, slug: str, stem: str) -> str:
 
 
 def failures_section(loaded: Loaded, duplicates) -> list[str]:
-    out = ["## Runs that did not finish", "",
+    out = ["## Runs left out", "", "### Runs that did not finish", "",
            "Not in the statistics. Detail: where a diverged run stopped, the batch size an OOM ran with, the last "
            "checkpoint of a running (or killed) or preempted run, and the error.", ""]
     runs = loaded.runs
@@ -148,16 +230,18 @@ def failures_section(loaded: Loaded, duplicates) -> list[str]:
         out += table(["file", "method", "model", "budget", "seed", "status", "detail", "rerun finished"], rows)
     else:
         out += ["None.", ""]
-    out += ["## Files that are not valid runs", ""]
+    out += ["### Files that are not valid runs", ""]
     if loaded.bad:
         out += table(["file", "problem"], [[f"`{b.path}`", b.reason] for b in sorted(loaded.bad, key=lambda b: b.path)])
     else:
         out += ["None.", ""]
+    out += ["### Runs present twice", ""]
     if duplicates:
-        out += ["## Duplicate seeds ignored", "",
-                "Same setting, method config, budget and seed as an earlier file (e.g. a rerun elsewhere); the "
-                "first file by name is used.", ""]
-        out += table(["file", "kept instead"], [[f"`{a}`", f"`{b}`"] for a, b in sorted(duplicates)])
+        out += ["The same computation, budget and seed in two files (a copy, or a rerun elsewhere). The newest "
+                "finished copy (by `run_info.updated_at`) is used; the other is left out.", ""]
+        out += table(["left out", "used instead"], [[f"`{a}`", f"`{b}`"] for a, b in sorted(duplicates)])
+    else:
+        out += ["None.", ""]
     return out
 
 

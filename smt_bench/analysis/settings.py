@@ -1,7 +1,8 @@
 """Settings and series: which runs may be compared, and how each method's variants are labelled.
 
 A setting = everything but method, budget and seed (model, data, train, eval, protocol): runs are only
-compared inside one. A series = a method plus whatever of its own config varies within a setting.
+compared inside one. A series = a method's runs that compute the same thing (its resolved config, see
+flatten.with_resolved) under one `results.tag`, named by what differs from the method's main series.
 """
 from __future__ import annotations
 
@@ -65,16 +66,53 @@ def assign_settings(loaded) -> None:
     df["setting"] = [labels.get(k, "") for k in keys]  # figures and tables: finished runs only
     df["setting_slug"] = [slugs.get(k, "") for k in keys]
 
-    series = [""] * len(df)
-    for (skey, method), idx in df.groupby(["setting_key", "method"], sort=True).groups.items():
-        idx = list(idx)
-        mflat = {i: {k: v for k, v in flat[df.at[i, "file"]].items() if k.startswith("method.")
-                     and k != "method.name"} for i in idx}
-        varying = sorted({k for d in mflat.values() for k in d if len({x.get(k) for x in mflat.values()}) > 1})
-        for i in idx:
-            extra = ", ".join(f"{k[len('method.'):]}={_label_value(mflat[i].get(k))}" for k in varying)
-            series[i] = method + (f" ({extra})" if extra else "")
-    df["series"] = series
+    assign_series(df, flat)
+
+
+def assign_series(df, flat: dict[str, dict[str, str]]) -> None:
+    """Series: within a setting, a method's runs that compute the same thing (the same resolved method
+    config) under the same `results.tag`. Each method's *main* series is the untagged one that covers the
+    most budgets, then the most finished runs, then the newest; every other series is named by its tag, else
+    by the method keys whose values differ from the main series' (`variant`). Adds series_key, series, main
+    and variant to df."""
+    method_cfg = {f: {k[len("method."):]: v for k, v in flat[f].items() if k.startswith("method.") and k != "method.name"}
+                  for f in df["file"]}
+    df["series_key"] = [json.dumps([sk, m, method_cfg[f], tag], sort_keys=True)
+                        for sk, m, f, tag in zip(df["setting_key"], df["method"], df["file"], df["tag"])]
+    series, main, variant = {}, {}, {}
+    for _, g in df.groupby(["setting_key", "method"], sort=True):
+        fin = g[g["status"] == "finished"]
+        pool = fin if len(fin) else g
+        rank = {k: ((x["tag"] != "").all(), -x["budget_fraction"].nunique(), -len(x), _newest_first(x["updated_at"]), k)
+                for k, x in pool.groupby("series_key", sort=True)}
+        head = min(rank, key=rank.get)
+        ref = method_cfg[g[g["series_key"] == head]["file"].iloc[0]]
+        labels = {}
+        for key, x in g.groupby("series_key", sort=True):
+            cfg, tag = method_cfg[x["file"].iloc[0]], x["tag"].iloc[0]
+            diff = ", ".join(f"{k}={_label_value(cfg.get(k))}" for k in sorted(set(cfg) | set(ref))
+                             if cfg.get(k) != ref.get(k))
+            labels[key] = [tag, diff]
+        names = {key: tag or diff for key, (tag, diff) in labels.items()}
+        for key, (tag, diff) in labels.items():  # one tag on two computations: say how they differ
+            if tag and diff and list(names.values()).count(tag) > 1:
+                names[key] = f"{tag}, {diff}"
+        seen: dict[str, int] = {}
+        method = g["method"].iloc[0]
+        for key, v in names.items():
+            if list(names.values()).count(v) > 1:  # still the same name: number them
+                seen[v] = seen.get(v, 0) + 1
+                v = f"{v} #{seen[v]}"
+            series[key], main[key], variant[key] = method + (f" ({v})" if v else ""), key == head, v
+    df["series"] = [series[k] for k in df["series_key"]]
+    df["main"] = [main[k] for k in df["series_key"]]
+    df["variant"] = [variant[k] for k in df["series_key"]]
+
+
+def _newest_first(stamps) -> tuple:
+    """Sorts the newest (latest ISO time stamp) first."""
+    latest = max((str(t) for t in stamps), default="")
+    return tuple(-ord(ch) for ch in latest)
 
 
 def global_batch(flat: dict[str, str]) -> dict[str, str]:
@@ -90,13 +128,19 @@ def global_batch(flat: dict[str, str]) -> dict[str, str]:
 
 
 def _label_value(v, width: int = 32) -> str:
+    """Short text of a flattened config value: lists as `a,b,c`, strings bare, null as `none`."""
     if v is None:
         return "unset"
     try:
         x = json.loads(v)
     except (TypeError, ValueError):
         x = str(v)
-    text = x if isinstance(x, str) else json.dumps(x)
+    if x is None:
+        text = "none"
+    elif isinstance(x, list):
+        text = ",".join(i if isinstance(i, str) else json.dumps(i) for i in x)
+    else:
+        text = x if isinstance(x, str) else json.dumps(x)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 

@@ -49,16 +49,16 @@ def finite_mean(values) -> float:
 
 # --- cells ------------------------------------------------------------------------------------
 def select_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Finished runs, one per (setting, series, budget, seed): a duplicate (same seed again, e.g. a
-    rerun on another device) is dropped, the first by file name kept. Returns (kept, dropped)."""
-    fin = runs[runs["status"] == "finished"].sort_values("file", kind="stable")
+    """Finished runs, one per (setting, series, budget, seed). A run present twice (the same computation and
+    seed in two files: a copy, or a rerun elsewhere) is never resolved silently: the newest finished copy (by
+    `run_info.updated_at`, then file name) is kept and every other one is returned as (dropped, kept) for the
+    report and a warning. Returns (kept, dropped)."""
+    fin = runs[runs["status"] == "finished"].sort_values(["updated_at", "file"], ascending=[False, True], kind="stable")
     keys = ["setting_key", "series", "budget_fraction", "seed"]
     dup = fin.duplicated(keys, keep="first")
-    dropped = []
-    for _, r in fin[dup].iterrows():
-        first = fin[(fin[keys] == r[keys]).all(axis=1)].iloc[0]["file"]
-        dropped.append((r["file"], first))
-    return fin[~dup].reset_index(drop=True), dropped
+    kept_file = {tuple(r[keys]): r["file"] for _, r in fin[~dup].iterrows()}
+    dropped = sorted((r["file"], kept_file[tuple(r[keys])]) for _, r in fin[dup].iterrows())
+    return fin[~dup].sort_values("file", kind="stable").reset_index(drop=True), dropped
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
@@ -71,7 +71,8 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         row = {
             "setting_key": skey, "setting": g["setting"].iloc[0], "setting_slug": g["setting_slug"].iloc[0],
             "model": g["model"].iloc[0], "data": g["data"].iloc[0], "protocol": g["protocol"].iloc[0],
-            "method": g["method"].iloc[0], "series": series, "budget_fraction": frac,
+            "method": g["method"].iloc[0], "series": series, "main": bool(g["main"].iloc[0]),
+            "variant": g["variant"].iloc[0], "tag": g["tag"].iloc[0], "budget_fraction": frac,
             "budget_pct": 100.0 * frac, "seeds": tuple(int(s) for s in g["seed"]), "n_runs": len(g),
             "n": n, "acc_mean": m, "acc_ci": ci, "acc_values": tuple(float(v) for v in g["mean_accuracy"]
                                                                       if np.isfinite(v)),
@@ -93,9 +94,10 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    # ratios against full FT of the same setting (its first series, i.e. the default config)
+    # ratios against full FT of the same setting (its main series)
     for skey, g in out.groupby("setting_key", sort=True):
-        ft = g[g["method"] == reference_method(g)].sort_values(["series", "budget_fraction"], kind="stable")
+        ft = g[g["method"] == reference_method(g)].sort_values(["main", "series", "budget_fraction"],
+                                                              ascending=[False, True, True], kind="stable")
         ref = ft.iloc[0] if len(ft) else None
         for col, name in (("peak_memory_bytes", "mem_ratio"), ("tokens_per_s", "tput_ratio"),
                           ("median_step_time_s", "step_ratio")):

@@ -25,6 +25,8 @@ DEVICE = Valid(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d
 RELATIVE = Valid(lambda v: isinstance(v, str) and bool(v.strip()) and not PurePath(v).is_absolute()
                  and ".." not in PurePath(v).parts, "a relative path without '..' (a folder under results.dir/runs)")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
+TAG = Valid(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+]{0,47}", v) is not None,
+            "up to 48 letters, digits, '_', '.' or '+', starting with a letter or digit (it goes into the file name)")
 
 
 # --- train -------------------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ class Budget:
 class Results:
     dir: str = param(valid=nonempty())
     group: str = param(valid=RELATIVE)
+    tag: Optional[str] = param(valid=optional(TAG, "(no tag)"))
     skip_finished: bool = MISSING
     keep_samples: bool = MISSING
     export: bool = MISSING

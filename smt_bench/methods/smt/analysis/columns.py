@@ -17,6 +17,12 @@ GROUPS = ("q", "k", "v", "o", "mlp")
 LEGACY_DEFAULTS = {"score_accumulation": "score_sum", "accumulator_device": "same", "signal": "gradient"}
 
 
+def resolved_block_size(method_info: dict) -> int | None:
+    """The block size a run trained with (method.block_size is an upper bound the model's shapes reduce)."""
+    b = method_info.get("block_size")
+    return int(b) if isinstance(b, int) and not isinstance(b, bool) else None
+
+
 def short_projection(name: str) -> str:
     """'q_proj' -> 'q', 'model.layers.3.mlp.down_proj' -> 'down'; unknown names are kept as they are."""
     base = name.rsplit(".", 1)[-1]
