@@ -32,9 +32,11 @@ def _at(config: dict, dotted: str):
 
 
 def run_name(run_id: str, config: dict) -> str:
-    """method-budget-model-seed, e.g. smt-b0.01-smollm2-135m-s0 (the result file's name, plus the model)."""
-    method, frac, model, seed = (_at(config, k) for k in ("method.name", "budget.fraction", "model.name", "seed"))
-    parts = [method, None if frac is None else f"b{float(frac):g}", model, None if seed is None else f"s{seed}"]
+    """method[-tag]-budget-model-seed, e.g. smt-b0.01-smollm2-135m-s0 (the result file's name, plus the model)."""
+    method, tag, frac, model, seed = (_at(config, k) for k in ("method.name", "results.tag", "budget.fraction",
+                                                                "model.name", "seed"))
+    parts = [method, tag or None, None if frac is None else f"b{float(frac):g}", model,
+             None if seed is None else f"s{seed}"]
     return "-".join(str(p) for p in parts if p is not None) or run_id
 
 

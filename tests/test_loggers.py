@@ -70,6 +70,8 @@ def test_name_group_and_tags_come_from_the_run_config(compose, tmp_path):
     assert sweep_group({**config, "results": {"dir": "/" + "d" * 200, "group": "g"}}).endswith("d/g")
     assert len(sweep_group({**config, "results": {"dir": "/" + "d" * 200, "group": "g"}})) == 128
     assert run_name("abc123", {"seed": 0}) == "s0" and run_name("abc123", {}) == "abc123"  # partial configs
+    _, tagged = _config(compose, tmp_path, "results.tag=qkv")  # a tag names the wandb run as it names the file
+    assert run_name("id", tagged) == "smt-qkv-b0.01-smollm2-135m-s0"
 
 
 def test_offline_wandb_run_records_group_name_tags_and_config(compose, tmp_path, offline_wandb):
