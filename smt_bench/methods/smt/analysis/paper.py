@@ -15,11 +15,11 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 
-from smt_bench.analysis.figures import wrap
+from smt_bench.analysis.figures import figure, fig_legend, fit, wrap
 from smt_bench.analysis.markdown import acc, plural, table
 from smt_bench.analysis.published import _task_set, _norm_task
 from smt_bench.analysis.registry import Figure, Setting
@@ -149,25 +149,28 @@ def comparison_figure(comp: Comparison):
         found = panels(s, comp)
         if not found:
             return None
-        fig, axes = plt.subplots(1, len(found), figsize=(1.3 + 1.1 * max(len(p["rows"]) for p in found) * len(found), 3.6),
-                                 squeeze=False)
-        for ax, p in zip(axes.flat, found):
+        per = 0.4 + 1.0 * max(len(p["rows"]) for p in found)
+        width = max(4.6, 1.0 + per * len(found))
+        fig, axes = figure(width, 3.9, 1, len(found), sharey=True)
+        for k, (ax, p) in enumerate(zip(axes.flat, found)):
             x = np.arange(len(p["rows"]))
+            best = int(np.argmax([np.mean(v) for _, v in p["rows"]]))
             for i, (lbl, values) in enumerate(p["rows"]):
                 m, ci, n = mean_ci(values)
-                ax.bar(i, m, 0.65, color="#2ca02c" if i == int(np.argmax([np.mean(v) for _, v in p["rows"]]))
-                       else "#a1d99b", yerr=ci if np.isfinite(ci) else None, capsize=4)
+                ax.bar(i, m, 0.65, color="#2ca02c" if i == best else "#a1d99b", hatch="" if i == best else "//",
+                       edgecolor="white", linewidth=0.0, yerr=ci if np.isfinite(ci) else None, capsize=4)
                 ax.scatter(np.full(len(values), i) + np.linspace(-0.12, 0.12, len(values)), values, s=10,
                            color="black", zorder=3)
                 ax.text(i, 0.01, f"n={n}", ha="center", va="bottom", fontsize=7, transform=ax.get_xaxis_transform())
             names = [lbl for lbl, _ in p["rows"]]
-            long = max(map(len, names)) > 8
-            ax.set_xticks(x, [n.replace(" (", "\n(") for n in names] if long else names, fontsize=8)
-            ax.set_ylabel("mean accuracy (%)")
-            ax.set_title(wrap(f"SMT {fmt_budget(p['budget'])}" + (f" · {p['label']}" if p["label"] else ""), 40),
-                         fontsize=8)
-        fig.suptitle(f"{wrap(comp.title, 70)}\n{s.label}", fontsize=9)
-        fig.tight_layout(rect=(0, 0, 1, 0.9))
+            ax.set_xticks(x, [wrap(n.replace(" (", "\n("), 14) for n in names], fontsize=8)
+            ax.set_xlabel(f"SMT's {comp.key} (the darker bar is best)", fontsize=8)
+            ax.grid(False, axis="x")
+            if k == 0:
+                ax.set_ylabel("mean accuracy (%)")
+            ax.set_title(fit(f"SMT {fmt_budget(p['budget'])}" + (f" · {p['label']}" if p["label"] else ""),
+                             per - 0.2, 8), fontsize=8)
+        fig.suptitle(fit(f"{comp.title} · {s.label}", width, 9), fontsize=9)
         return fig
     return draw
 
@@ -203,17 +206,28 @@ def share_figure(s: Setting):
     cells = _qkv_cells(s)
     if not cells:
         return None
-    fig, axes = plt.subplots(1, len(cells), figsize=(2.6 * len(cells) + 0.4, 3.2), squeeze=False)
+    width = max(5.0, 2.7 * len(cells) + 0.4)
+    fig, axes = figure(width, 3.9, 1, len(cells))
     colors = {"q": "#9ecae1", "k": "#6baed6", "v": "#2ca02c"}
+    hatches = {"q": "//", "k": "..", "v": ""}
     for ax, (b, sel, elig, n) in zip(axes.flat, cells):
         keys = [p for p in "qkv" if sel[p] > 0]
-        ax.pie([sel[p] for p in keys], labels=keys, colors=[colors[p] for p in keys], autopct="%1.0f%%",
-               startangle=90, counterclock=False, textprops={"fontsize": 8})
+        total = sum(sel[p] for p in keys)
+        wedges, _, autotexts = ax.pie([sel[p] for p in keys], colors=[colors[p] for p in keys], startangle=90,
+                                      counterclock=False, autopct="%1.0f%%", pctdistance=0.62,
+                                      wedgeprops={"edgecolor": "white", "linewidth": 0.8}, textprops={"fontsize": 8})
+        for w, p in zip(wedges, keys):
+            w.set_hatch(hatches[p])
+        for t, p in zip(autotexts, keys):  # a slice too thin for its number: the title has it
+            t.set_visible(sel[p] / total >= 0.1)
         total_e = sum(elig.values())
+        sel_txt = " ".join(f"{p} {100 * sel[p] / total:.0f}%" for p in "qkv")
         e_txt = " ".join(f"{p} {100 * elig[p] / total_e:.0f}%" for p in "qkv") if total_e else "unknown"
-        ax.set_title(f"{fmt_budget(b)} · {plural(n, 'run')}\neligible: {e_txt}", fontsize=8)
-    fig.suptitle(f"{wrap(SHARE_TITLE, 70)}\n{s.label}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.86))
+        ax.set_title(f"{fmt_budget(b)} · {plural(n, 'run')}\nselected: {sel_txt}\neligible: {e_txt}", fontsize=8)
+    handles = [Patch(facecolor=colors[p], hatch=hatches[p], edgecolor="white", label=p) for p in "qkv"]
+    fig_legend(fig, handles, [f"{p} projection" for p in "qkv"], where="bottom")
+    fig.get_layout_engine().set(h_pad=0.08)  # (the pies' titles would otherwise touch the figure's)
+    fig.suptitle(fit(f"{SHARE_TITLE} · {s.label}", width, 9), fontsize=9)
     return fig
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import itertools
 import statistics
 
-import matplotlib.pyplot as plt
 import numpy as np
 
-from smt_bench.analysis.figures import note, wrap
+from smt_bench.analysis.figures import figure, fit, legend, note
 from smt_bench.analysis.registry import Setting
 
 FACTORS = ("seed", "warmup_steps", "accumulation", "score")
@@ -131,19 +130,26 @@ def report_figure(s: Setting):
 
 def selection_stability(summary_rows: list[dict], title: str):
     """Mean Jaccard per compared factor (bar) with the lowest pair as a marker, one group per budget."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(summary_rows) + 2.0), 3.6))
+    width = max(5.0, 0.95 * len(summary_rows) + 2.6)
+    fig, axes = figure(width, 3.9)
+    ax = axes[0, 0]
     if not summary_rows:
         note(ax, "no two SMT selections differ in exactly one factor")
     labels = [f"{r['factor']}\n{r['compared'].replace(' vs ', chr(10) + 'vs ')}\n{100 * r['budget']:g}%"
               for r in summary_rows]
     x = np.arange(len(summary_rows))
     colors = dict(zip(FACTORS, ("#4c72b0", "#55a868", "#c44e52", "#8172b2")))
-    ax.bar(x, [r["mean"] for r in summary_rows], color=[colors.get(r["factor"], "#777777") for r in summary_rows])
-    ax.plot(x, [r["min"] for r in summary_rows], "k_", ms=14, label="lowest pair")
+    hatches = dict(zip(FACTORS, ("", "//", "..", "xx")))
+    for xi, r in zip(x, summary_rows):
+        ax.bar(xi, r["mean"], 0.75, color=colors.get(r["factor"], "#777777"), hatch=hatches.get(r["factor"], ""),
+               edgecolor="white", linewidth=0.0)
+    ax.plot(x, [r["min"] for r in summary_rows], "k_", ms=14, mew=1.5, label="lowest pair")
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylim(0, 1.02)
-    ax.set_ylabel("Jaccard of selected blocks")
+    ax.set_ylabel("Jaccard of selected blocks (mean over pairs)")
+    ax.set_xlabel("factor that differs, the values compared, budget (% of model)")
+    ax.grid(False, axis="x")
     if summary_rows:
-        ax.legend(loc="lower right")
-    fig.suptitle(wrap(title))
+        legend(ax)
+    fig.suptitle(fit(title, width, 10), fontsize=10)
     return fig
