@@ -40,7 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gsm8k", type=int, default=200, help="questions in the GSM8K slice")
-    ap.add_argument("--out", default=str(REPO / "results" / "bench" / "eval_cpu"))
+    ap.add_argument("--out", default=str(REPO / "outputs" / "bench" / "eval_cpu"))
     args = ap.parse_args()
 
     model, tok = SmolLM2GGUF().load()

@@ -35,7 +35,7 @@ SMOKE_TOKENS, SMOKE_KS = "37", "1,3"
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, to test the script")
-    p.add_argument("--out", default=str(REPO / "results" / "bench"), help="output folder")
+    p.add_argument("--out", default=str(REPO / "outputs" / "bench"), help="output folder")
     p.add_argument("--tokens", default=None, help="T values, comma-separated (default 2048,4096,8192,16384; smoke 37)")
     p.add_argument("--ks", default=None, help="blocks per layer, comma-separated (default 1,2,4,8,16,32,64; smoke 1,3)")
     p.add_argument("--block-size", type=int, default=None, help="B (default 256; smoke 16)")

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check, for a session that is lent a device: the kernel tests with the Triton kernels compiled
-# (TRITON_INTERPRET=0; bf16 included, in test_triton_compiled_on_gpu_incl_bf16), the kernel benchmark
-# at LLaMA-7B layer shapes, SMT trained with kernels=triton vs torch (scripts/gpu_train_check.py), and
-# smt_bench.bench (every method at LLaMA-7B shape, bf16 autocast). Run from the repository root on the device machine, e.g. through the device
-# tool:  bash scripts/gpu_check.sh        (writes to $OUT, else results/gpu; commit what it measured there)
+# The GPU check, to run from the repository root on a machine with an NVIDIA GPU: the kernel tests with the
+# Triton kernels compiled (TRITON_INTERPRET=0; bf16 included, in test_triton_compiled_on_gpu_incl_bf16), the
+# kernel benchmark at LLaMA-7B layer shapes, SMT trained with kernels=triton vs torch
+# (scripts/gpu_train_check.py), and smt_bench.bench (every method at LLaMA-7B shape, bf16 autocast).
+#   bash scripts/gpu_check.sh        (writes to $OUT, else outputs/gpu; copy what it measured to results/gpu/ to commit it)
 #
-# The device image has torch, triton and pytest but not this project's other dependencies, and nothing
-# can be installed there, so smt_bench.kernels is put on the path as pyproject maps it (kernels/src/ ->
-# smt_bench.kernels) instead of installing the package. Only the kernel tests run: they need torch alone.
+# It needs Python with torch, triton, pytest, transformers and peft, and does not install the project:
+# smt_bench.kernels is put on the path as pyproject maps it (kernels/src/ -> smt_bench.kernels), and
+# smt_bench beside it. hydra-core and omegaconf, which smt_bench.bench needs, are installed from the
+# wheels in .whl/ (scripts/gpu_wheels.sh makes them; copy .whl/ along with the repository).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${OUT:-results/gpu}
+OUT_DIR=${OUT:-outputs/gpu}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
@@ -19,11 +20,11 @@ SMOKE=${GPU_CHECK_SMOKE:-0}   # 1: the same steps at tiny shapes on the CPU (tes
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
 elif ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device visible to $PY; run this on the device machine" >&2
+  echo "gpu_check: no CUDA device visible to $PY; run this on a machine with an NVIDIA GPU" >&2
   exit 2
 fi
-# hydra-core / omegaconf (smt_bench.bench's config) are not in the device image: carried as wheels in .whl
-# (scripts/gpu_wheels.sh makes them; name .whl in the device tool's carry)
+# hydra-core / omegaconf (smt_bench.bench's config), from the wheels scripts/gpu_wheels.sh puts in .whl/,
+# installed into a temporary folder
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -68,7 +69,7 @@ if "$PY" -c "import hydra, omegaconf, transformers, peft" 2>/dev/null; then
   "$PY" -m smt_bench.bench "${BENCH[@]}" bench.out="$OUT_DIR" bench.name=methods 2>&1 | tee "$OUT_DIR/bench_methods.log"
   methods_rc=${PIPESTATUS[0]}
 else
-  echo "gpu_check: hydra-core / omegaconf / transformers / peft missing: smt_bench.bench skipped (carry .whl)" \
+  echo "gpu_check: hydra-core / omegaconf / transformers / peft missing: smt_bench.bench skipped (make .whl/ with scripts/gpu_wheels.sh and copy it along)" \
     | tee "$OUT_DIR/bench_methods.log"
   methods_rc=3
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SMT trained with kernels=triton and with kernels=torch from the same init on the same batches: the loss
-curves must agree. SmolLM2-135M's architecture with random weights on random tokens (the device has neither
-SmolLM2's weights nor its tokenizer), through the harness's own SMT and trainer, bf16 autocast on CUDA.
+curves must agree. SmolLM2-135M's architecture with random weights on random tokens (a GPU machine need not
+have SmolLM2's weights or its tokenizer), through the harness's own SMT and trainer, bf16 autocast on CUDA.
 
     python scripts/gpu_train_check.py --out results/gpu        # CUDA, 20 steps; writes train_check.{json,md}
     TRITON_INTERPRET=1 python scripts/gpu_train_check.py --smoke --out /tmp/x   # tiny, CPU, interpreted
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreted)")
     p.add_argument("--steps", type=int, default=None, help="default 20 (smoke 3)")
-    p.add_argument("--out", default=str(REPO / "results" / "gpu"))
+    p.add_argument("--out", default=str(REPO / "outputs" / "gpu"))
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:

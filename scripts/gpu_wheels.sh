@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The pure-Python packages smt_bench.bench needs that the device image lacks (hydra-core, omegaconf and
-# omegaconf's parser runtime, antlr4), as wheels in .whl for the device tool's carry; gpu_check.sh installs
-# them there. Versions: those setup.sh installs here.
+# The pure-Python packages smt_bench.bench needs that a GPU machine's Python may lack (hydra-core, omegaconf
+# and omegaconf's parser runtime, antlr4), as wheels in .whl/ (git-ignored): copy .whl/ along with the
+# repository, and scripts/gpu_check.sh installs them there. Versions: those setup.sh installs here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude

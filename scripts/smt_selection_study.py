@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=["abs_mean", "mean_abs"], help="score kinds; the first is the main one")
     ap.add_argument("--budget", type=float, default=0.01)
     ap.add_argument("--selection", default="global")
-    ap.add_argument("--out", default=str(REPO / "results" / "smt-selection-study"))
+    ap.add_argument("--out", default=str(REPO / "outputs" / "smt-selection-study"))
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite report.md and the figure from the selection files under --out")
     ap.add_argument("overrides", nargs="*", help="more smt_bench overrides, e.g. model=tiny-llama")

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--methods", nargs="+", default=sorted(f.stem for f in (CONF / "method").glob("*.yaml")))
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    p.add_argument("--out", type=Path, default=Path("results/budget"))
+    p.add_argument("--out", type=Path, default=Path("outputs/budget"))
     a = p.parse_args(argv)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:

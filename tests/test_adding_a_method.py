@@ -1,4 +1,4 @@
-"""Adding a method is one module plus one config file: tests/example_method/ holds both (the README's
+"""Adding a method is one module plus one config file: tests/example_method/ holds both (docs/methods.md's
 example). Dropped into a copy of conf/, the method runs end to end and the analysis reports it."""
 from __future__ import annotations
 

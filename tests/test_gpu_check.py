@@ -1,5 +1,5 @@
 """scripts/gpu_check.sh in its smoke mode (GPU_CHECK_SMOKE=1): the same steps at tiny shapes on the CPU,
-Triton interpreted, so the script a device session runs cannot rot between sessions."""
+Triton interpreted, so the check meant for a machine with an NVIDIA GPU cannot rot where there is none."""
 from __future__ import annotations
 
 import json

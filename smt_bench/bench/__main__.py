@@ -1,5 +1,5 @@
 """`python -m smt_bench.bench [model=...] [bench.<key>=...]`: memory and speed of every method at one
-model's real shapes, from two depths extrapolated to the full one (README, "Benchmarks").
+model's real shapes, from two depths extrapolated to the full one (docs/benchmarks.md).
 
 Each (method, budget, depth) runs in its own process (smt_bench/bench/worker.py), methods interleaved
 over rounds. On CPU every worker runs with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_), so

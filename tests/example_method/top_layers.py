@@ -1,4 +1,4 @@
-"""The README's "adding a method" example, whole: partial fine-tuning of whole weight matrices, taken from
+"""The "adding a method" example of docs/methods.md, whole: partial fine-tuning of whole weight matrices, taken from
 the last layer down until the budget is met (a classic baseline). tests/test_adding_a_method.py runs it
 from this module plus `top_layers.yaml` alone."""
 from __future__ import annotations

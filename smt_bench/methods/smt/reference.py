@@ -1,6 +1,6 @@
 """The reference implementation's way of training SMT blocks, for benchmarks only: one parameter per
 block, copied into the dense weight before every forward, the full input saved for backward, and dW
-block by block in a Python loop (SMT.md: the reference code's facts). smt-bench's SMTLinear is measured
+block by block in a Python loop (docs/smt.md §9: the reference code's facts). smt-bench's SMTLinear is measured
 against it."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Two estimators (`method.score_accumulation`):
 - grad_sum (the reference's): a post-accumulate-grad hook adds each eligible weight's raw, signed
   gradient into an fp32 accumulator and frees the gradient; after the last warm-up step the block
-  statistic is computed once from the sum (SMT.md: warmup_grads[key] += grad.float(), then e.g.
+  statistic is computed once from the sum (docs/smt.md §2–§3: warmup_grads[key] += grad.float(), then e.g.
   mean |ΣG| per block). Accumulators hold one fp32 copy of every eligible weight, on the weight's device
   or (`accumulator_device=cpu`, the reference's placement) in host memory.
 - score_sum: each step's gradient is reduced to block statistics at once and those add up
