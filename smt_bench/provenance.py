@@ -12,6 +12,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from .migrations import ADDED_KEYS, without_added_defaults  # noqa: F401  (ADDED_KEYS: the analysis' settings)
+
 
 PACKAGES = ("torch", "transformers", "peft", "hydra-core", "lm-eval", "triton", "safetensors", "accelerate",
             "numpy", "pandas", "wandb", "kernels")
@@ -24,18 +26,8 @@ TORCH_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 # Config keys that do not change what a run computes: left out of the run id (a resumed run that
 # checkpoints at another interval is the same run).
 NON_SEMANTIC = ("results", "logger", "train.checkpoint_every")
-# keys added after results existed -> the value that reproduces what runs before them computed: at that
-# value a key stays out of the run id (those runs keep their ids) and out of the analysis' settings
-ADDED_KEYS = {"train.epochs": None, "model.hub_kernels": False}
-
-
-def without_added_defaults(cfg: dict) -> dict:
-    out = dict(cfg)
-    for key, default in ADDED_KEYS.items():
-        group, name = key.split(".", 1)
-        if isinstance(out.get(group), dict) and name in out[group] and out[group][name] == default:
-            out[group] = {k: v for k, v in out[group].items() if k != name}
-    return out
+# keys added after results existed, and how old ids stay valid: smt_bench/migrations.py (ADDED_KEYS and
+# without_added_defaults are imported from there)
 
 
 def config_hash(cfg: dict) -> str:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 from hydra.errors import InstantiationException
 
-from . import hub_kernels, provenance
+from . import hub_kernels, migrations, provenance
 from .checkpoint import CheckpointDir
 from .data.batches import BatchStream, collate, encode
 from .data.bundled import BundledSuite
@@ -103,7 +103,7 @@ class Prepared:
         if self.world_size > 1:  # one process keeps the run ids it always had
             self.container["distributed"] = {"world_size": self.world_size}
         self.run_id = provenance.config_hash({**self.container,
-                                              "method": self.method.identity(self.container["method"])})
+                                              "method": migrations.id_form(self.container["method"])})
         self.source = _build(cfg.model.source, "model")
         self.data = _build(cfg.data, "data")
         self.device = _device(cfg.device, self.world)

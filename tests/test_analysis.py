@@ -643,9 +643,13 @@ def test_analysis_core_names_no_method():
 
 
 @pytest.fixture
-def toy_method():
-    """A method the core has never heard of, contributing a column, a section and a figure."""
+def toy_method(monkeypatch):
+    """A method the core has never heard of, contributing a column, a section and a figure (and a key it
+    gained after its first results, read through smt_bench.migrations)."""
+    from smt_bench import migrations
     from smt_bench.analysis import registry
+
+    monkeypatch.setitem(migrations.LEGACY_DEFAULTS, "toy", {"flavour": "plain"})
 
     def figure(s):
         import matplotlib.pyplot as plt
@@ -656,7 +660,7 @@ def toy_method():
 
     c = registry.register(registry.Contribution(
         method="toy", run_columns=lambda mi: {"toy_knobs": mi.get("knobs", math.nan)},
-        cell_columns={"toy_knobs": lambda v: float(v.max())}, legacy_defaults={"flavour": "plain"},
+        cell_columns={"toy_knobs": lambda v: float(v.max())},
         sections=(lambda s: ["### Toy knobs", "", f"Most knobs: {s.cells['toy_knobs'].max():g}.", ""],),
         figures=(registry.Figure("toy_knobs", "Toy knobs", "Knobs per run.", figure),), color="#123456"))
     yield c

@@ -163,10 +163,11 @@ def test_activation_selection_is_the_top_k_of_the_input_statistic(kind):
 
 
 def test_activation_selection_keeps_the_run_ids_of_gradient_runs():
-    node = {"name": "smt", "lr": 1e-4, "signal": "gradient"}
-    m = SMT(name="smt", lr=1e-4)
-    assert m.identity(node) == {"name": "smt", "lr": 1e-4}
-    assert m.identity({**node, "signal": "activation"}) == {**node, "signal": "activation"}
+    from smt_bench.migrations import id_form
+
+    node = {"_target_": "smt_bench.methods.smt.SMT", "name": "smt", "lr": 1e-4, "signal": "gradient"}
+    assert id_form(node) == {"_target_": "smt_bench.methods.smt.SMT", "name": "smt", "lr": 1e-4}
+    assert id_form({**node, "signal": "activation"}) == {**node, "signal": "activation"}
 
 
 # --- the paper's figures and tables ---------------------------------------------------------------

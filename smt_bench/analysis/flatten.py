@@ -12,15 +12,6 @@ from . import registry
 from .schema import MEMORY_PARTS
 
 
-def with_legacy_defaults(cfg: dict) -> dict:
-    """Keys a method gained after results were written with it read as the value those older runs computed
-    with (absent then, so it was the only behaviour), so old and new runs group and label right."""
-    method = cfg.get("method") or {}
-    c = registry.contribution(method.get("name"))
-    missing = {k: v for k, v in (c.legacy_defaults if c else {}).items() if k not in method}
-    return {**cfg, "method": {**method, **missing}} if missing else cfg
-
-
 def with_resolved(cfg: dict, method_info: dict) -> dict:
     """The method keys a run resolved (its contribution's `resolved`: e.g. a block size given as an upper bound
     the model's shapes reduce) replaced by the value it ran with, where its method_info records one."""

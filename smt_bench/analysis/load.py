@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .flatten import flatten, flatten_config, with_legacy_defaults, with_resolved
+from ..migrations import with_legacy_defaults
+from .flatten import flatten, flatten_config, with_resolved
 from .schema import SchemaError, validate
 from .settings import assign_settings
 

@@ -52,15 +52,11 @@ class Contribution:
     run_columns: Callable[[dict], dict] | None = None
     cell_columns: Mapping[str, Callable] = field(default_factory=dict)  # cell column -> aggregate of its runs' values
     check: Callable[[dict], None] | None = None                  # a finished result -> raise schema.SchemaError
-    legacy_defaults: Mapping[str, Any] = field(default_factory=dict)  # method key -> value before it existed
     # method key -> the value the run actually computed with, read from its method_info (None: not recorded,
     # keep the configured value). A key whose configured value is a bound or a request the model's shapes
     # resolve (e.g. a block size given as an upper bound) is compared, grouped and labelled by what ran, so two configs that compute
     # the same thing are one series
     resolved: Mapping[str, Callable[[dict], Any]] = field(default_factory=dict)
-    # config keys outside method.* that the method once had and retired, which change nothing a run computes
-    # (key -> why): runs with and without them are one setting
-    retired_keys: Mapping[str, str] = field(default_factory=dict)
     sections: tuple[Callable[[Setting], list[str]], ...] = ()    # markdown lines per setting ([] = nothing)
     figures: tuple[Figure, ...] = ()
     color: str | None = None

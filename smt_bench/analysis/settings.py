@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import re
 
-from ..provenance import ADDED_KEYS
+from ..migrations import ADDED_KEYS, RETIRED_KEYS
 from .flatten import flatten_config
-from .registry import contributions
 
 # config keys that do not change what a run computes (or are the axes of the analysis)
 NOT_SETTING = ("seed", "budget", "results", "logger", "device", "threads", "method")
@@ -19,11 +18,11 @@ NOT_SETTING = ("seed", "budget", "results", "logger", "device", "threads", "meth
 
 def not_computed() -> set[str]:
     """Config keys that do not change what a run computes although they are outside the axes: the run id's
-    own non-semantic keys, and keys a method retired (its contribution's `retired_keys`). Runs with and
-    without them are one setting; each file keeps its own value."""
+    own non-semantic keys, and keys that were retired (migrations.RETIRED_KEYS). Runs with and without them
+    are one setting; each file keeps its own value."""
     from ..provenance import NON_SEMANTIC
 
-    return {k for k in NON_SEMANTIC if "." in k} | {k for c in contributions() for k in c.retired_keys}
+    return {k for k in NON_SEMANTIC if "." in k} | set(RETIRED_KEYS)
 
 
 def assign_settings(loaded) -> None:

@@ -14,11 +14,8 @@ CONTRIBUTION = Contribution(
     run_columns=columns.run_columns,
     cell_columns={c: finite_mean for c in columns.CELL_COLUMNS},
     check=columns.check,
-    legacy_defaults=columns.LEGACY_DEFAULTS,
     # block_size is the largest size allowed; what ran is the largest kernel size <= it dividing the model
     resolved={"block_size": columns.resolved_block_size},
-    retired_keys={"model.smt_block_size": "now method.block_size, an upper bound the model's shapes reduce; "
-                                          "SmolLM2's runs recorded 64, the size SMT takes there now"},
     sections=(blocks.share_section, stability.section, *paper.SECTIONS),
     figures=(Figure("smt_blocks", blocks.TITLE, blocks.CAPTION, blocks.block_map_figure),
              Figure("smt_blocks_variants", blocks.VARIANTS_TITLE, blocks.VARIANTS_CAPTION,

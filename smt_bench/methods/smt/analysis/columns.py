@@ -13,8 +13,6 @@ from smt_bench.analysis.schema import SchemaError, is_kind, require, short
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 PROJ_GROUP = {"q": "q", "k": "k", "v": "v", "o": "o", "gate": "mlp", "up": "mlp", "down": "mlp"}
 GROUPS = ("q", "k", "v", "o", "mlp")
-# keys SMT gained after runs were written with it -> the behaviour those runs had
-LEGACY_DEFAULTS = {"score_accumulation": "score_sum", "accumulator_device": "same", "signal": "gradient"}
 
 
 def resolved_block_size(method_info: dict) -> int | None:

@@ -1,0 +1,78 @@
+"""smt_bench.migrations keeps old run ids and old run files valid: every committed result's id is what its own
+config hashes to through the rules, and the ids README command 1 makes are those of the committed runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smt_bench import migrations, provenance
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = sorted((REPO / "results").glob("*/runs/**/*.json"))
+
+
+def _id(config: dict) -> str:
+    return provenance.config_hash({**config, "method": migrations.id_form(config["method"])})
+
+
+def test_every_committed_run_id_is_its_config_through_the_rules():
+    assert len(COMMITTED) >= 100
+    wrong = [p.name for p in COMMITTED if _id((r := json.loads(p.read_text()))["config"]) != r["run_info"]["id"]]
+    assert wrong == []
+
+
+def test_without_the_rules_old_ids_would_break():
+    """Each id rule is needed: hashing today's config of a LoRA run or a gradient-selected SMT run as it is
+    gives another id."""
+    lora = next(json.loads(p.read_text()) for p in COMMITTED if p.name.startswith("lora-"))
+    assert lora["config"]["method"]["_target_"] == migrations.LEGACY_LORA  # written by the old class
+    smt = next(r for p in COMMITTED if p.name.startswith("smt-")
+               and (r := json.loads(p.read_text()))["config"]["method"].get("signal") == "gradient")
+    assert provenance.config_hash(smt["config"]) != smt["run_info"]["id"] == _id(smt["config"])
+
+
+@pytest.mark.parametrize("fraction,run_id", [(0.005, "8f9f96b01e96"), (0.01, "40256e27beb3"),
+                                             (0.02, "a93217919928"), (0.05, "876bb93ba97a")])
+def test_readme_command_1_keeps_its_run_ids(fraction, run_id):
+    from smt_bench.__main__ import compose_config
+    from smt_bench.run import Prepared
+
+    assert Prepared(compose_config(["method=smt", f"budget.fraction={fraction}"])).run_id == run_id
+
+
+def test_the_new_peft_form_of_lora_hashes_as_the_old_class():
+    from omegaconf import OmegaConf
+
+    from smt_bench.__main__ import compose_config
+
+    for method, dora in (("lora", False), ("dora", True)):
+        node = OmegaConf.to_container(compose_config([f"method={method}"]).method, resolve=True)
+        old = migrations.id_form(node)
+        assert old["_target_"] == migrations.LEGACY_LORA and old["use_dora"] is dora
+        assert old["alpha_ratio"] == node["scaled_args"]["lora_alpha"]
+    rank_sized_other = {**node, "peft_config": "VeraConfig"}  # not the old class's computation: as it is
+    assert migrations.id_form(rank_sized_other) == rank_sized_other
+
+
+def test_added_keys_at_their_old_value_leave_the_id_and_elsewhere_change_it():
+    cfg = {"train": {"max_steps": 20}, "model": {"name": "m"}, "method": {"_target_": "x", "name": "x"}}
+    base = provenance.config_hash(cfg)
+    for added in migrations.ADDED:
+        group, key = added.key.split(".", 1)
+        with_old = {**cfg, group: {**cfg[group], key: added.value}}
+        assert provenance.config_hash(with_old) == base, added.key
+        assert provenance.config_hash({**cfg, group: {**cfg[group], key: "other"}}) != base, added.key
+        assert added.since and added.why
+
+
+def test_old_files_read_with_the_behaviour_they_had():
+    old = {"method": {"name": "smt", "score": "abs_mean"}}
+    assert migrations.with_legacy_defaults(old)["method"] == {"name": "smt", "score": "abs_mean",
+                                                               "score_accumulation": "score_sum",
+                                                               "accumulator_device": "same", "signal": "gradient"}
+    new = {"method": {"name": "smt", "score_accumulation": "grad_sum", "accumulator_device": "cpu",
+                      "signal": "activation"}}
+    assert migrations.with_legacy_defaults(new) == new
+    assert all(d.since for d in migrations.LEGACY) and "model.smt_block_size" in migrations.RETIRED_KEYS
