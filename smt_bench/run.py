@@ -197,25 +197,12 @@ def execute(cfg: DictConfig) -> dict | None:
         "meta_info": {**provenance.meta_info(prep.device), "hub_kernels": hub_kernels.record(cfg.model.hub_kernels)},
     }
     info = result["run_info"]
-    t_wall = time.perf_counter()
-    started = False
-
-    def heartbeat(step: int | None = None) -> None:
-        """The result file says `running` (and the last checkpoint) while training: a run killed outright is
-        then listed by the analysis and rerun by the sweep."""
-        nonlocal started
-        started = True
-        if step is not None:
-            info["checkpoint_step"] = step
-        info.update(updated_at=_now(), wall_time_s=time.perf_counter() - t_wall)
-        if world.is_main:
-            write_json_atomic(prep.path, result)
-
+    heartbeat = Heartbeat(prep.path, result, world)
     try:
-        result.update(_run(prep, logger, ckpts, heartbeat, world, result["meta_info"]))
+        result.update(Recipe(prep, logger, ckpts, heartbeat, result["meta_info"]).run())
         info["status"] = "finished"
     except UserError:  # bad input found only once the data is tokenised: one line, exit 2, no result file
-        if started and world.is_main:
+        if heartbeat.started and world.is_main:
             prep.path.unlink(missing_ok=True)
         info["status"] = "bad_input"
         raise
@@ -237,7 +224,7 @@ def execute(cfg: DictConfig) -> dict | None:
             _release_memory(prep.device)
         raise RunFailed(info["error"]) from e
     finally:
-        info["wall_time_s"] = time.perf_counter() - t_wall
+        info["wall_time_s"] = heartbeat.elapsed()
         info["updated_at"] = _now()
         if info["status"] not in ("running", "bad_input") and world.is_main:
             write_json_atomic(prep.path, result)
@@ -249,6 +236,29 @@ def execute(cfg: DictConfig) -> dict | None:
     return result
 
 
+class Heartbeat:
+    """Keeps the result file saying `running` (and the last checkpoint) while training, so a run killed
+    outright is listed by the analysis and rerun by the sweep. Called once when training starts and at every
+    checkpoint; rank 0 writes."""
+
+    def __init__(self, path, result: dict, world: World):
+        self.path, self.result, self.world = path, result, world
+        self.started = False
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __call__(self, step: int | None = None) -> None:
+        self.started = True
+        info = self.result["run_info"]
+        if step is not None:
+            info["checkpoint_step"] = step
+        info.update(updated_at=_now(), wall_time_s=self.elapsed())
+        if self.world.is_main:
+            write_json_atomic(self.path, self.result)
+
+
 def _release_memory(device: torch.device) -> None:
     """After an OOM the next job of the sweep gets the device back."""
     import gc
@@ -258,111 +268,151 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World, meta: dict) -> dict:
-    cfg, tc, dev = prep.cfg, prep.cfg.train, prep.device
-    hub = bool(cfg.model.hub_kernels)
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    seed_everything(cfg.seed, dev)
-    logger.start(prep.run_id, prep.container)
-    t0 = time.perf_counter()
-    model, tok = prep.source.load(torch.float32, hub_kernels=hub)
-    model.to(dev)
-    meta["hub_kernels"] = hub_kernels.record(hub, model)
-    load_s = time.perf_counter() - t0
-    nll_before = None
-    evaluates = prep.eval_plan is not None and world.is_main  # evaluation runs on rank 0 alone
-    if evaluates and cfg.eval.forgetting.enabled:  # the base model, before any tuning
-        from .evaluation.forgetting import measure
+class Recipe:
+    """One run as named phases, after torchtune's recipes: `setup_model`, `setup_data`, `prepare_method`,
+    `train`, `record_training`, `evaluate`, `summarize`; `run()` calls them in this order (the order is part of
+    what a run computes: the seeds, the forgetting baseline before tuning, the memory baseline after the
+    load). Each phase leaves what the next needs on the recipe."""
 
-        nll_before = measure(model, tok, cfg.eval.forgetting.max_tokens)
-    mem = PeakMemory(dev).mark_baseline()  # every method's peak is measured above the loaded model
+    def __init__(self, prep: Prepared, logger, ckpts: CheckpointDir, heartbeat: "Heartbeat", meta: dict):
+        self.prep, self.cfg, self.tc, self.dev = prep, prep.cfg, prep.cfg.train, prep.device
+        self.world, self.logger, self.ckpts, self.heartbeat, self.meta = prep.world, logger, ckpts, heartbeat, meta
+        self.hub = bool(self.cfg.model.hub_kernels)
 
-    train_ex = encode(prep.splits.train, tok, tc.max_len, tc.train_on_inputs)
-    val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
-    val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
-                   for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
-    if tc.epochs:  # the steps N epochs of the tokenised set take at the global batch (max_steps is unused)
-        with open_dict(cfg):
-            tc.max_steps = math.ceil(tc.epochs * len(train_ex) / (tc.batch_size * tc.grad_accum * world.world_size))
-    stream = BatchStream(train_ex, tc.batch_size, tok.pad_token_id, seed=cfg.seed, rank=world.rank,
-                         world_size=world.world_size)
-    context = method_context(train_ex, tc.batch_size, tok.pad_token_id, cfg.seed, dev, world, tc.grad_accum)
+    def run(self) -> dict:
+        self.setup_model()
+        self.setup_data()
+        self.prepare_method()
+        if not self.train():  # a rank other than 0 under FSDP2: rank 0 reports
+            return {}
+        self.record_training()
+        self.evaluate()
+        return {"train_info": self.train_info, "method_info": self.method_report, "eval": self.evaluation,
+                "summary": self.summarize()}
 
-    parallel = strategy_for(prep.method, world, dev)
-    # every rank reads it (results.dir must be a filesystem all ranks see); FSDP2's optimizer state: rank 0
-    saved = ckpts.load(optimizer=parallel.optimizer_on_every_rank or world.is_main)
-    step = world.broadcast(None if saved is None else saved.step)
-    if (None if saved is None else saved.step) != step:
-        raise RuntimeError(f"rank {world.rank} sees checkpoint step {saved and saved.step} of {ckpts.path}, "
-                           f"rank 0 sees {step}: results.dir must be on a filesystem every rank shares")
-    t0 = time.perf_counter()
-    mem.start()  # a method's own pre-training phase (SMT's warm-up) has its peak recorded apart
-    if saved is None:
-        tuned = prep.method.prepare(model, prep.plan, context)
-    else:
-        if world.is_main:
-            print(f"[smt-bench] resuming {prep.path.name} from its checkpoint at step {saved.step}", flush=True)
-        tuned = prep.method.resume(model, prep.plan, context, saved.tuned, saved.tuned_meta)
-    if hub:  # before any step: nothing the method trains or wraps may sit where a hub kernel replaces a forward
-        hub_kernels.check(tuned.model, prep.method.name)
-    prepare_peak = int(world.reduce_floats([mem.stop()], "max")[0])  # the fullest rank's
-    prepare_s = time.perf_counter() - t0
-    n_trainable = sum(p.numel() for p in tuned.trainable_parameters())
-    if n_trainable != prep.plan.achieved_params:
-        raise RuntimeError(f"{prep.method.name} planned {prep.plan.achieved_params} trainable params "
-                           f"but the model has {n_trainable}")
+    def setup_model(self) -> None:
+        """Seeds, the base model on its device, and what is measured on it before any tuning."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        seed_everything(cfg.seed, self.dev)
+        self.logger.start(self.prep.run_id, self.prep.container)
+        t0 = time.perf_counter()
+        self.model, self.tok = self.prep.source.load(torch.float32, hub_kernels=self.hub)
+        self.model.to(self.dev)
+        self.meta["hub_kernels"] = hub_kernels.record(self.hub, self.model)
+        self.load_s = time.perf_counter() - t0
+        self.nll_before = None
+        evaluates = self.prep.eval_plan is not None and self.world.is_main  # evaluation runs on rank 0 alone
+        if evaluates and cfg.eval.forgetting.enabled:  # the base model, before any tuning
+            from .evaluation.forgetting import measure
 
-    def save(ckpt) -> None:  # called on rank 0
-        ckpts.save(ckpt)
-        heartbeat(ckpt.step)
+            self.nll_before = measure(self.model, self.tok, cfg.eval.forgetting.max_tokens)
+        self.mem = PeakMemory(self.dev).mark_baseline()  # every method's peak is measured above the loaded model
 
-    heartbeat()
-    if world.rank:  # the same init on every rank (above); from here each rank draws its own dropout masks
-        torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
-    train_info = train(tuned, stream, val_batches, tc, dev, logger, mem, save=save, resume=saved,
-                       parallel=parallel)
-    # the model rank 0 reports, exports and evaluates: whole (FSDP2 gathers it), plain (no DDP wrapper)
-    tuned = parallel.gather(tuned, lambda: prep.source.load(torch.float32, hub_kernels=hub)[0].to(dev))
-    if tuned is None:
-        return {}
-    N = prep.shapes.total_params
-    train_info.update({
-        "trainable_params_target": prep.target,
-        "trainable_params": n_trainable,
-        "trainable_pct_target": 100.0 * prep.target / N,
-        "trainable_pct": 100.0 * n_trainable / N,
-        "base_params": N,
-        "plan": prep.plan.detail,
-        "load_time_s": load_s,
-        "prepare_time_s": prepare_s,
-        "prepare_peak_memory_bytes": prepare_peak,
-        "distributed": world.describe(parallel.name, tc.batch_size, tc.grad_accum),
-        "global_batch": tc.batch_size * tc.grad_accum * world.world_size,
-    })
-    method_report = dict(tuned.report())
-    if cfg.results.export:  # beside the result file, named like it
-        out_dir = prep.path.with_suffix("")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        method_report["exported"] = tuned.export(str(out_dir), cfg.model.name)
-    evaluation = None
-    if prep.eval_plan is not None and not cfg.eval.merge:
-        evaluated = "tuned (unmerged)"
-        model = tuned.model
-    else:
-        model = tuned.merged()
-        evaluated = "merged"
-    if prep.eval_plan is not None:
+    def setup_data(self) -> None:
+        """Tokenised training and validation sets, the training stream and the method's own stream."""
+        tc, tok, world, prep = self.tc, self.tok, self.world, self.prep
+        train_ex = encode(prep.splits.train, tok, tc.max_len, tc.train_on_inputs)
+        val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
+        self.val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
+                            for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
+        if tc.epochs:  # the steps N epochs of the tokenised set take at the global batch (max_steps is unused)
+            with open_dict(self.cfg):
+                tc.max_steps = math.ceil(tc.epochs * len(train_ex) / (tc.batch_size * tc.grad_accum * world.world_size))
+        self.stream = BatchStream(train_ex, tc.batch_size, tok.pad_token_id, seed=self.cfg.seed, rank=world.rank,
+                                  world_size=world.world_size)
+        self.context = method_context(train_ex, tc.batch_size, tok.pad_token_id, self.cfg.seed, self.dev, world,
+                                      tc.grad_accum)
+
+    def prepare_method(self) -> None:
+        """The method applied to the model (or rebuilt from the run's checkpoint), with its parallel strategy;
+        its own phase (SMT's warm-up) has its peak memory recorded apart."""
+        prep, world = self.prep, self.world
+        self.parallel = strategy_for(prep.method, world, self.dev)
+        # every rank reads it (results.dir must be a filesystem all ranks see); FSDP2's optimizer state: rank 0
+        self.saved = saved = self.ckpts.load(optimizer=self.parallel.optimizer_on_every_rank or world.is_main)
+        step = world.broadcast(None if saved is None else saved.step)
+        if (None if saved is None else saved.step) != step:
+            raise RuntimeError(f"rank {world.rank} sees checkpoint step {saved and saved.step} of {self.ckpts.path}, "
+                               f"rank 0 sees {step}: results.dir must be on a filesystem every rank shares")
+        t0 = time.perf_counter()
+        self.mem.start()
+        if saved is None:
+            self.tuned = prep.method.prepare(self.model, prep.plan, self.context)
+        else:
+            if world.is_main:
+                print(f"[smt-bench] resuming {prep.path.name} from its checkpoint at step {saved.step}", flush=True)
+            self.tuned = prep.method.resume(self.model, prep.plan, self.context, saved.tuned, saved.tuned_meta)
+        if self.hub:  # before any step: nothing the method trains or wraps may sit where a hub kernel replaces a forward
+            hub_kernels.check(self.tuned.model, prep.method.name)
+        self.prepare_peak = int(world.reduce_floats([self.mem.stop()], "max")[0])  # the fullest rank's
+        self.prepare_s = time.perf_counter() - t0
+        self.n_trainable = sum(p.numel() for p in self.tuned.trainable_parameters())
+        if self.n_trainable != prep.plan.achieved_params:
+            raise RuntimeError(f"{prep.method.name} planned {prep.plan.achieved_params} trainable params "
+                               f"but the model has {self.n_trainable}")
+
+    def train(self) -> bool:
+        """The training loop (checkpoints through the heartbeat); then the whole, plain model on rank 0.
+        False on the ranks that have no model to report."""
+        def save(ckpt) -> None:  # called on rank 0
+            self.ckpts.save(ckpt)
+            self.heartbeat(ckpt.step)
+
+        self.heartbeat()
+        if self.world.rank:  # the same init on every rank (above); from here each rank draws its own dropout masks
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.world.rank)
+        self.train_info = train(self.tuned, self.stream, self.val_batches, self.tc, self.dev, self.logger, self.mem,
+                                save=save, resume=self.saved, parallel=self.parallel)
+        # the model rank 0 reports, exports and evaluates: whole (FSDP2 gathers it), plain (no DDP wrapper)
+        self.tuned = self.parallel.gather(
+            self.tuned, lambda: self.prep.source.load(torch.float32, hub_kernels=self.hub)[0].to(self.dev))
+        return self.tuned is not None
+
+    def record_training(self) -> None:
+        """The budget, times and parallel layout beside the loop's figures; the method's report and export."""
+        prep, tc, world = self.prep, self.tc, self.world
+        N = prep.shapes.total_params
+        self.train_info.update({
+            "trainable_params_target": prep.target,
+            "trainable_params": self.n_trainable,
+            "trainable_pct_target": 100.0 * prep.target / N,
+            "trainable_pct": 100.0 * self.n_trainable / N,
+            "base_params": N,
+            "plan": prep.plan.detail,
+            "load_time_s": self.load_s,
+            "prepare_time_s": self.prepare_s,
+            "prepare_peak_memory_bytes": self.prepare_peak,
+            "distributed": world.describe(self.parallel.name, tc.batch_size, tc.grad_accum),
+            "global_batch": tc.batch_size * tc.grad_accum * world.world_size,
+        })
+        self.method_report = dict(self.tuned.report())
+        if self.cfg.results.export:  # beside the result file, named like it
+            out_dir = prep.path.with_suffix("")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.method_report["exported"] = self.tuned.export(str(out_dir), self.cfg.model.name)
+
+    def evaluate(self) -> None:
+        """The suite on the tuned model (merged unless eval.merge=false), forgetting against the base model,
+        the samples beside the result file."""
+        prep, cfg = self.prep, self.cfg
+        self.evaluation = None
+        if prep.eval_plan is None:
+            return
         from .evaluation.forgetting import forgetting_entry, measure
         from .evaluation.harness import evaluate_suite, write_samples
 
+        model, evaluated = (self.tuned.model, "tuned (unmerged)") if not cfg.eval.merge else (self.tuned.merged(),
+                                                                                              "merged")
         ec = cfg.eval
-        evaluation = evaluate_suite(model, tok, prep.eval_plan, batch_size=ec.batch_size,
+        evaluation = evaluate_suite(model, self.tok, prep.eval_plan, batch_size=ec.batch_size,
                                     max_new_tokens=ec.max_new_tokens, num_beams=ec.num_beams,
                                     keep_samples=cfg.results.keep_samples)
         evaluation["model_evaluated"] = evaluated
-        if nll_before is not None:
-            evaluation["forgetting"] = forgetting_entry(nll_before, measure(model, tok, ec.forgetting.max_tokens))
+        if self.nll_before is not None:
+            evaluation["forgetting"] = forgetting_entry(self.nll_before, measure(model, self.tok,
+                                                                                 ec.forgetting.max_tokens))
         samples = evaluation.pop("samples", None)
         if samples is not None:  # beside the result file, named like it
             path = prep.path.with_name(prep.path.stem + ".samples.jsonl")
@@ -372,16 +422,20 @@ def _run(prep: Prepared, logger, ckpts: CheckpointDir, heartbeat, world: World, 
         logged = {f"eval/{k}": v for k, v in evaluation["accuracy"].items() if v is not None}
         if "forgetting" in evaluation:
             logged["eval/forgetting_nll_delta"] = evaluation["forgetting"]["delta"]
-        logger.log(logged, tc.max_steps)
-    summary = {
-        "method": prep.method.name, "budget_fraction": cfg.budget.fraction, "seed": cfg.seed,
-        "trainable_params": n_trainable, "trainable_pct": train_info["trainable_pct"],
-        "final_train_loss": train_info["final_train_loss"],
-        "final_val_loss": train_info["val_loss_curve"][-1][1] if train_info["val_loss_curve"] else None,
-        "mean_accuracy": evaluation["mean_accuracy"] if evaluation else None,
-        "eval_protocol": evaluation["protocol"] if evaluation else None,
-        "forgetting_nll_delta": (evaluation.get("forgetting") or {}).get("delta") if evaluation else None,
-        "tokens_per_s": train_info["tokens_per_s"], "peak_memory_bytes": train_info["peak_memory_bytes"],
-        **method_report.get("summary", {}),
-    }
-    return {"train_info": train_info, "method_info": method_report, "eval": evaluation, "summary": summary}
+        self.logger.log(logged, self.tc.max_steps)
+        self.evaluation = evaluation
+
+    def summarize(self) -> dict:
+        """The run's headline numbers (the result's `summary`)."""
+        ti, ev = self.train_info, self.evaluation
+        return {
+            "method": self.prep.method.name, "budget_fraction": self.cfg.budget.fraction, "seed": self.cfg.seed,
+            "trainable_params": self.n_trainable, "trainable_pct": ti["trainable_pct"],
+            "final_train_loss": ti["final_train_loss"],
+            "final_val_loss": ti["val_loss_curve"][-1][1] if ti["val_loss_curve"] else None,
+            "mean_accuracy": ev["mean_accuracy"] if ev else None,
+            "eval_protocol": ev["protocol"] if ev else None,
+            "forgetting_nll_delta": (ev.get("forgetting") or {}).get("delta") if ev else None,
+            "tokens_per_s": ti["tokens_per_s"], "peak_memory_bytes": ti["peak_memory_bytes"],
+            **self.method_report.get("summary", {}),
+        }
