@@ -1,6 +1,7 @@
 """`python -m smt_bench [overrides]`: the Hydra app. Bad input exits 2 with one line on stderr."""
 from __future__ import annotations
 
+import itertools
 import sys
 import traceback
 from pathlib import Path
@@ -129,9 +130,11 @@ def compose_config(overrides: list[str], hydra: bool = False):
 
 
 def sweep_points(argv: list[str]) -> list[list[str]]:
-    """The override list of every job Hydra will launch for this command line (one if not a sweep)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The override list of every job Hydra will launch for this command line (one if not a sweep): the
+    basic sweeper's grid, built with Hydra's public override parser (the config's `hydra.sweeper.params`,
+    then the command line; a later value of a key replaces an earlier one; the product in key order)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
     from hydra.types import RunMode
 
     overrides = [a for a in argv if not a.startswith("-")]
@@ -142,8 +145,15 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
     params = [f"{k}={v}" for k, v in (hcfg.hydra.sweeper.params or {}).items()]
     if not multirun:
         return [overrides]
-    parsed = OverridesParser.create().parse_overrides(params + overrides)
-    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    grid: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(params + overrides):
+        key = o.get_key_element()
+        if o.is_sweep_override() and not o.is_discrete_sweep():
+            raise OverrideParseException(f"{o.input_line}: a sweep of listed values is needed (a,b,c), not a "
+                                         f"range or interval")
+        grid[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                     else [f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*grid.values())]
 
 
 def planned_world_size(argv: list[str]) -> int | None:

@@ -380,3 +380,10 @@ def test_full_ft_in_a_mixed_sweep_is_one_run_id(compose, tmp_path, smollm2_path)
     assert {p.run_id for p in preps} == {preps[0].run_id}
     assert {p.path for p in preps} == {preps[0].path} and "b1-" in preps[0].path.name
     assert all(p.target == p.shapes.total_params for p in preps)
+
+
+def test_no_private_hydra_import():
+    """The app uses Hydra's public API only (a private module may move in any release)."""
+    found = [f"{p.relative_to(REPO)}:{i}" for p in sorted((REPO / "smt_bench").rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if "hydra._internal" in line]
+    assert found == []
