@@ -133,10 +133,9 @@ FIRST_LABEL = {"true_false": "true", "solution": "solution1", "answer": "answer1
 
 
 def _write_test_sets(folder: Path) -> None:
-    from smt_bench.evaluation.suites import COMMONSENSE_GEN, MATH
+    from smt_bench.evaluation.suites import data_dir_sets
 
-    sets = {**COMMONSENSE_GEN, **{k: fam for k, (src, fam) in MATH.items() if src == "llm_adapters"}}
-    for name, fam in sets.items():
+    for name, fam in data_dir_sets().items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "test.json").write_text(json.dumps(_records(FIRST_LABEL[fam], 4)))
 

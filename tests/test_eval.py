@@ -19,8 +19,13 @@ from smt_bench.evaluation.forgetting import forgetting_entry, general_text, mean
 from smt_bench.evaluation.generate import generate
 from smt_bench.evaluation.harness import _to_result, evaluate_suite
 from smt_bench.evaluation.lm_tasks import records_for
-from smt_bench.evaluation.suites import (BUNDLED, COMMONSENSE_GEN, MATH, TASKS_DIR, SuitePlan, TaskSpec,
-                                         plan_suite, shipped_yamls)
+from smt_bench.evaluation.suites import TASKS_DIR, data_dir_sets, plan_suite, suite_members
+
+# what the shipped task YAMLs define (the tests' expectations; the YAMLs are the source)
+BUNDLED = ["arith_check", "largest", "alphabetical", "sequence", "vowels", "addition"]
+COMMONSENSE_GEN = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Challenge", "ARC-Easy", "openbookqa"]
+MATH = ["gsm8k", "SVAMP", "MultiArith", "AddSub", "AQuA", "SingleEq"]
+FAMILY = {**data_dir_sets(), "gsm8k": "numeric"}
 
 MAX_NEW = 8
 LABELS = {"true_false": ["true", "false"], "solution": ["solution1", "solution2"],
@@ -85,20 +90,31 @@ def _check_against_reference(result, samples, plan, model, tok, records):
 
 # --- the shipped task files -----------------------------------------------------------------------
 
-def test_shipped_task_yamls_are_in_sync_with_the_tables():
-    files = {p.relative_to(TASKS_DIR).as_posix(): p.read_text() for p in TASKS_DIR.rglob("*.yaml")}
-    assert files.pop("_generative.yaml").count("!function smt_bench.evaluation.lm_tasks.") == 4
-    assert files == shipped_yamls(), "run `python -m smt_bench.evaluation.suites` to regenerate"
-
-
-def test_lm_eval_indexes_every_shipped_task():
+def test_lm_eval_indexes_every_shipped_task_and_the_suites_are_its_groups():
+    """Each task is one lm-eval YAML (found by scanning the folder); a suite is the group smt_<suite>."""
+    import yaml
     from lm_eval.tasks import TaskManager
 
+    assert (TASKS_DIR / "_generative.yaml").read_text().count("!function smt_bench.evaluation.lm_tasks.") == 3
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    want = {suites.lm_name(s, n) for s, table in (("bundled", BUNDLED), ("commonsense_gen", COMMONSENSE_GEN),
-                                                   ("math", MATH)) for n in table}
-    assert want <= set(tm.all_subtasks) and len(want) == 20
-    assert {"smt_bundled", "smt_commonsense_gen", "smt_math"} <= set(tm.all_groups)
+    files = [p for p in TASKS_DIR.rglob("*.yaml") if not p.name.startswith("_")]
+    tasks = {yaml.load(p.read_text(), Loader=yaml.BaseLoader)["task"] for p in files}
+    assert len(files) == len(tasks) == 20 and tasks <= set(tm.all_subtasks)
+    assert {"smt_bundled", "smt_commonsense_gen", "smt_math", "smt_commonsense"} <= set(tm.all_groups)
+    assert suites.SUITES == ("bundled", "commonsense", "commonsense_gen", "math")
+    assert suite_members("commonsense_gen") == [f"smt_cs_{n.lower().replace('-', '_')}" for n in COMMONSENSE_GEN]
+    assert suite_members("math") == [f"smt_math_{n.lower()}" for n in MATH]
+    assert sorted(suite_members("bundled")) == sorted(f"smt_bundled_{n}" for n in BUNDLED)
+    for name in tasks:  # smt-bench's loader, the set's name as the alias, and its label family
+        cfg = tm.task_index[name].cfg
+        assert cfg["custom_dataset"].endswith("smt_bench.evaluation.lm_tasks.load_docs")
+        assert cfg["task_alias"] == cfg["dataset_kwargs"]["name"] and cfg["metadata"]["version"] == 1.0
+        assert cfg["metadata"]["family"] in {"true_false", "solution", "answer", "ending", "option", "numeric",
+                                             "letter"}
+    assert FAMILY == {"boolq": "true_false", "piqa": "solution", "social_i_qa": "answer", "hellaswag": "ending",
+                      "winogrande": "option", "ARC-Challenge": "answer", "ARC-Easy": "answer", "openbookqa": "answer",
+                      "SVAMP": "numeric", "MultiArith": "numeric", "AddSub": "numeric", "AQuA": "letter",
+                      "SingleEq": "numeric", "gsm8k": "numeric"}
 
 
 # --- the extractor's new family (AQuA letters); the rest is tabled in test_data.py -----------------
@@ -145,8 +161,7 @@ def adapters_dir(tmp_path_factory, steered):
     are chosen from what the steered model says, so that some are right and some wrong."""
     model, tok = steered
     root = tmp_path_factory.mktemp("dataset")
-    tables = {**COMMONSENSE_GEN, **{k: f for k, (src, f) in MATH.items() if src == "llm_adapters"}}
-    for k, (name, fam) in enumerate(tables.items()):
+    for k, (name, fam) in enumerate(data_dir_sets().items()):
         recs = [{"instruction": f"Question {k}.{i} about {name}: pick one of {', '.join(LABELS[fam])}."
                                 f"\n\nAnswer format: {'/'.join(LABELS[fam])}", "input": "" if i else "some context",
                  "output": ""} for i in range(3)]
@@ -170,7 +185,7 @@ def test_local_suites_run_every_task_and_score_like_the_reference(suite, steered
     plan = plan_suite(ev, [], False, "x")
     assert [t.name for t in plan.tasks] == names and all(t.n == 3 for t in plan.tasks)
     r = evaluate_suite(model, tok, plan, batch_size=8, max_new_tokens=MAX_NEW, keep_samples=True)
-    records = {t.name: records_for(t.source, t.name, data_dir=plan.data_dir) for t in plan.tasks}
+    records = {t.name: records_for(t.source, t.doc_name, data_dir=plan.data_dir) for t in plan.tasks}
     _check_against_reference(r, r.pop("samples"), plan, model, tok, records)
     assert r["data_dir"] == str(adapters_dir.resolve())
     if suite == "math":  # the steered model writes numbers and letters (commonsense labels: see below)
@@ -227,11 +242,11 @@ def test_first_match_filter_in_lm_eval_scores_tricky_responses(tmp_path):
             answers[prompt_of(rec)] = resp
         (tmp_path / name).mkdir()
         (tmp_path / name / "test.json").write_text(json.dumps(recs))
-    for suite, names in (("commonsense_gen", list(COMMONSENSE_GEN)), ("math", ["AQuA", "SVAMP"])):
+    for suite, names in (("commonsense_gen", COMMONSENSE_GEN), ("math", ["AQuA", "SVAMP"])):
         plan = plan_suite(_ev(suite=suite, tasks=names, data_dir=str(tmp_path), builtin=None), [], False, "x")
         r = evaluate_suite(None, None, plan, lm=CannedLM(answers), keep_samples=True)
         for name in names:
-            fam = dict(COMMONSENSE_GEN, **{k: f for k, (_, f) in MATH.items()})[name]
+            fam = FAMILY[name]
             want = [ok for _, _, ok in TRICKY[name]]
             assert [is_correct(resp, gold, fam) for gold, resp, _ in TRICKY[name]] == want, name
             assert math.isclose(r["accuracy"][name], 100.0 * sum(want) / len(want)), name
@@ -314,7 +329,7 @@ def test_round_robin_caps():
 
 def test_with_the_hub_math_adds_lm_evals_gsm8k_under_its_own_protocol(monkeypatch):
     monkeypatch.setattr(suites, "hub_offline", lambda: None)
-    monkeypatch.setattr(suites, "builtin_task_names", lambda: frozenset({"gsm8k", *suites.COMMONSENSE_BUILTIN}))
+    monkeypatch.setattr(suites, "builtin_task_names", lambda: frozenset({"gsm8k", *suite_members("commonsense")}))
     ev = OmegaConf.load(TASKS_DIR.parents[2] / "conf" / "eval" / "math.yaml")
     ev.max_examples = 10
     plan = plan_suite(ev, [], False, "math10k")
@@ -332,7 +347,7 @@ def test_with_the_hub_math_adds_lm_evals_gsm8k_under_its_own_protocol(monkeypatc
     assert other["metrics"]["exact_match,flexible-extract"] == 0.5
     # commonsense: the 8 built-ins, one log-likelihood protocol for all
     cs = plan_suite(OmegaConf.load(TASKS_DIR.parents[2] / "conf" / "eval" / "commonsense.yaml"), [], False, "x")
-    assert [t.name for t in cs.tasks] == suites.COMMONSENSE_BUILTIN and "loglikelihood" in cs.protocol
+    assert [t.name for t in cs.tasks] == suite_members("commonsense") and "loglikelihood" in cs.protocol
     assert all(t.protocol == cs.protocol for t in cs.tasks)
 
 
@@ -351,7 +366,7 @@ BAD_PLAN = {
     "data-dir-missing": (dict(suite="commonsense_gen", data_dir="/nonexistent/x"), r"is not a folder"),
     "no-test-json": (dict(suite="commonsense_gen", data_dir="{tmp}"), r"boolq/test\.json does not exist"),
     "unknown-task": (dict(suite="math", tasks=["gsm8k", "mmlu"]), r"unknown task\(s\) \['mmlu'\] for eval=math"),
-    "offline-commonsense": (dict(suite="commonsense", builtin=suites.COMMONSENSE_BUILTIN, hub="required"),
+    "offline-commonsense": (dict(suite="commonsense", builtin=None, hub="required"),
                             r"hub is offline \(HF_HUB_OFFLINE=1\); .* eval=commonsense_gen eval\.data_dir=DIR"),
     "bad-answer": (dict(split=_bad_split()), r"record 0 \(t\): answer 'maybe' matches no label family"),
     "no-test-split": (dict(split=[]), r"eval=bundled scores the data's test split, but data=x has none"),
@@ -374,3 +389,75 @@ def test_wrong_label_in_a_test_file_is_named(tmp_path):
     with pytest.raises(UserError, match=r"boolq/test\.json: record 0 \(boolq\): answer 'option1' is not a "
                                         r"true_false label"):
         plan_suite(_ev(suite="commonsense_gen", tasks=["boolq"], data_dir=str(tmp_path)), [], False, "x")
+
+
+# --- a user's own lm-eval task folder (eval.include_path) ------------------------------------------------
+
+def write_user_tasks(folder, n=4):
+    """What a user who knows lm-eval writes: smt-bench's template copied beside one YAML per task (their
+    data read by lm-eval: dataset_path json + data_files), a group of them, and a task of lm-eval's own
+    multiple-choice protocol. Returns the records of the generative tasks."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(TASKS_DIR / "_generative.yaml", folder / "_generative.yaml")
+    recs = {"my_parity": [{"instruction": f"Is {i} even? Answer format: true/false", "input": "",
+                           "output": "", "answer": str(i % 2 == 0).lower()} for i in range(n)],
+            "my_sum": [{"instruction": f"What is {i} + {i + 2}?", "answer": str(2 * i + 2)} for i in range(n)]}
+    for name, rows in recs.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "parity.yaml").write_text(
+        f"include: _generative.yaml\ntask: my_parity\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'my_parity.jsonl'}\nmetadata:\n  version: 1.0\n  family: true_false\n")
+    (folder / "sum.yaml").write_text(
+        f"include: _generative.yaml\ntask: my_sum\ntask_alias: sum\ndataset_path: json\ndataset_kwargs:\n"
+        f"  data_files:\n    test: {folder / 'my_sum.jsonl'}\n")
+    (folder / "_mine.yaml").write_text("group: mine\ntask: [my_parity, my_sum]\n")
+    (folder / "choice.jsonl").write_text("".join(
+        json.dumps({"q": f"{i} is", "choices": ["even", "odd"], "label": i % 2}) + "\n" for i in range(n)))
+    (folder / "choice.yaml").write_text(
+        f"task: my_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'choice.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    return recs
+
+
+def test_a_users_task_folder_is_scored_like_the_shipped_tasks(steered, tmp_path):
+    model, tok = steered
+    recs = write_user_tasks(tmp_path / "my_tasks")
+    ev = _ev(include_path=str(tmp_path / "my_tasks"), tasks=["mine", "addition", "my_choice"], max_examples=9)
+    test = BundledSuite(n_train_per_task=1, n_val_per_task=1, n_test_per_task=3).load().test
+    plan = plan_suite(ev, test, True, "bundled")
+    assert [(t.name, t.lm_name, t.family, t.n) for t in plan.tasks] == [
+        ("my_parity", "my_parity", "true_false", 3), ("sum", "my_sum", None, 2), ("addition", "smt_bundled_addition",
+                                                                                 "numeric", 2),
+        ("my_choice", "my_choice", None, 2)]
+    r = evaluate_suite(model, tok, plan, batch_size=8, max_new_tokens=MAX_NEW, keep_samples=True)
+    samples = r.pop("samples")
+    gen = {"my_parity", "sum", "addition"}
+    records = {"my_parity": recs["my_parity"], "sum": recs["my_sum"], "addition": [x for x in test if x["task"] == "addition"]}
+    plan.tasks = [t for t in plan.tasks if t.name in gen]
+    _check_against_reference(r, [s for s in samples if s["task"] in gen], plan, model, tok, records)
+    assert set(r["accuracy"]) == gen and r["include_path"] == str((tmp_path / "my_tasks").resolve())
+    other = r["other_protocols"]["my_choice"]  # lm-eval's own protocol: reported apart
+    assert other["protocol"].startswith("lm-eval task my_choice (multiple_choice") and other["n"] == 2
+    assert other["accuracy"] in (0.0, 50.0, 100.0)
+    assert r["lm_eval"]["tasks"] == {"my_parity": "my_parity", "sum": "my_sum", "addition": "smt_bundled_addition",
+                                     "my_choice": "my_choice"}
+
+
+def test_a_task_not_found_or_broken_is_a_user_error(tmp_path):
+    write_user_tasks(tmp_path / "my_tasks")
+    split = BundledSuite(n_train_per_task=1, n_val_per_task=1, n_test_per_task=1).load().test
+    with pytest.raises(UserError, match=r"eval.tasks: unknown task\(s\) \['nope'\] for eval=bundled; choose from "
+                                        r"\[.*\], or put the task's lm-eval YAML in a folder and name it: "
+                                        r"eval.include_path=.*my_tasks"):
+        plan_suite(_ev(include_path=str(tmp_path / "my_tasks"), tasks=["my_parity", "nope"]), split, True, "x")
+    with pytest.raises(UserError, match=r"eval.include_path=/nonexistent is not a folder"):
+        plan_suite(_ev(include_path="/nonexistent", tasks=["my_parity"]), split, True, "x")
+    (tmp_path / "my_tasks" / "my_parity.jsonl").write_text(json.dumps({"instruction": "q", "answer": "option1"}) + "\n")
+    with pytest.raises(UserError, match=r"record 0 \(my_parity\): answer 'option1' is not a true_false label"):
+        plan_suite(_ev(include_path=str(tmp_path / "my_tasks"), tasks=["my_parity"]), split, True, "x")
+    (tmp_path / "my_tasks" / "my_sum.jsonl").unlink()
+    with pytest.raises(UserError, match=r"task my_sum .* does not load in lm-eval: .*; fix its YAML or data files"):
+        plan_suite(_ev(include_path=str(tmp_path / "my_tasks"), tasks=["my_sum"]), split, True, "x")

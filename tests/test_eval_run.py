@@ -9,6 +9,7 @@ import pytest
 
 from smt_bench.errors import UserError
 from smt_bench.run import Prepared, execute
+from test_eval import write_user_tasks
 
 TINY = ["model=tiny-llama", "device=cpu"]
 RUN = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=2", "train.batch_size=2",
@@ -84,6 +85,9 @@ BAD = {
                     r"set eval\.data_dir=DIR"),
     "missing-test-json": (["eval=commonsense_gen", "eval.data_dir={tmp}"], r"boolq/test\.json does not exist"),
     "unknown-suite": (["eval.suite=poetry"], r"eval\.suite=poetry: must be one of bundled, commonsense, "),
+    "unknown-task": (["eval.include_path={tmp}", "eval.tasks=[my_task]"],
+                     r"eval\.tasks: unknown task\(s\) \['my_task'\] for eval=bundled; choose from \[.*\], or put the "
+                     r"task's lm-eval YAML in a folder and name it: eval\.include_path="),
 }
 
 
@@ -96,13 +100,29 @@ def test_bad_eval_input_stops_in_the_preflight(case, compose, tmp_path, smollm2_
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("case", ["offline-commonsense", "no-data-dir"])
+@pytest.mark.parametrize("case", ["offline-commonsense", "no-data-dir", "unknown-task"])
 def test_bad_eval_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path, smollm2_path):
     args, message = BAD[case]
     results = tmp_path / "results"
-    proc = cli(*TINY, *args, f"results.dir={results}", timeout=120)
+    proc = cli(*TINY, *(a.format(tmp=tmp_path) for a in args), f"results.dir={results}", timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("smt-bench: error: "), proc.stderr[-3000:]
     assert re.search(message, lines[0]), lines[0]
     assert not results.exists()
+
+
+def test_a_users_task_folder_in_a_run(compose, tmp_path, smollm2_path):
+    """eval.include_path + eval.tasks: the user's lm-eval task YAMLs, scored on the tuned model in memory; the
+    key at its default (null) stays out of the run id."""
+    folder = tmp_path / "my_tasks"
+    write_user_tasks(folder)
+    results = tmp_path / "results"
+    base = compose(*RUN, f"results.dir={results}")
+    cfg = compose(*RUN, f"results.dir={results}", f"eval.include_path={folder}", "eval.tasks=[my_parity,addition]")
+    assert Prepared(base).run_id == Prepared(compose(*RUN, f"results.dir={results}", "eval.include_path=null")).run_id
+    assert Prepared(cfg).run_id != Prepared(base).run_id
+    ev = execute(cfg)["eval"]
+    assert list(ev["accuracy"]) == ["my_parity", "addition"] and ev["n"] == {"my_parity": 4, "addition": 2}
+    assert ev["lm_eval"]["tasks"] == {"my_parity": "my_parity", "addition": "smt_bundled_addition"}
+    assert ev["include_path"] == str(folder.resolve()) and ev["protocol"].startswith("generative-first-match")

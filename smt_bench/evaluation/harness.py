@@ -1,8 +1,10 @@
 """Score the tuned model in memory with lm-eval: HFLM(pretrained=<model object>) + simple_evaluate.
 
-smt-bench's own tasks (generative protocol) and lm-eval's built-in tasks run as two calls: the first
-encodes prompts without special tokens, as the trainer does (smt_bench.data.batches.encode), the
-second with lm-eval's defaults, as those tasks' published numbers do. Batched generation pads on the
+The task YAMLs of smt-bench's folder and of eval.include_path (generative protocol, or a user task's
+own) and lm-eval's built-in tasks run as two calls: the first encodes prompts without special tokens,
+as the trainer does (smt_bench.data.batches.encode), the second with lm-eval's defaults, as those
+tasks' published numbers do. A capped evaluation scores the first documents of each task
+(simple_evaluate's `samples`). Batched generation pads on the
 left with an attention mask (HFLM), so eval.batch_size does not change what is generated.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .suites import TASKS_DIR, SuitePlan, split_task_yaml
+from .suites import SuitePlan, split_task_yaml, task_manager
 
 
 def _quiet():
@@ -25,7 +27,7 @@ def _quiet():
 
 
 def _simple_evaluate(model, tokenizer, task_objs, tm, batch_size: int, add_bos: bool | None, keep_samples: bool,
-                     limit, lm=None):
+                     limit, lm=None, samples=None):
     import lm_eval.evaluator as ev
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -36,7 +38,7 @@ def _simple_evaluate(model, tokenizer, task_objs, tm, batch_size: int, add_bos: 
     # directory that prints to stderr outside a repository, and torch's collect_env)
     with _patched(ev, "get_git_commit_hash", lambda *a, **k: None), _patched(ev, "add_env_info", lambda *a, **k: None):
         return simple_evaluate(model=lm, tasks=task_objs, task_manager=tm, log_samples=keep_samples, limit=limit,
-                               bootstrap_iters=1000, random_seed=0, numpy_random_seed=1234,
+                               samples=samples, bootstrap_iters=1000, random_seed=0, numpy_random_seed=1234,
                                torch_random_seed=1234, fewshot_random_seed=1234)
 
 
@@ -65,7 +67,6 @@ def evaluate_suite(model, tokenizer, plan: SuitePlan, *, batch_size: int = 16, m
     """
     import lm_eval
     import torch
-    from lm_eval.tasks import TaskManager
 
     _quiet()
     t0 = time.perf_counter()
@@ -75,9 +76,7 @@ def evaluate_suite(model, tokenizer, plan: SuitePlan, *, batch_size: int = 16, m
     try:
         with tempfile.TemporaryDirectory(prefix="smt-bench-eval-") as tmp, torch.no_grad():
             meta = {"data_dir": plan.data_dir}
-            if plan.max_docs:
-                meta["max_docs"] = dict(plan.max_docs)
-            include = [str(TASKS_DIR)]
+            extra = []
             if plan.split:
                 for name, recs in plan.split.items():
                     with open(Path(tmp) / f"{name}.jsonl", "w", encoding="utf-8") as f:
@@ -86,16 +85,21 @@ def evaluate_suite(model, tokenizer, plan: SuitePlan, *, batch_size: int = 16, m
                 for i, name in enumerate(plan.generated):
                     (Path(tmp) / f"split_{i}.yaml").write_text(split_task_yaml(name))
                 meta["split_dir"] = tmp
-                include.append(tmp)
+                extra.append(tmp)
             if plan.local:
-                tm = TaskManager(include_path=include, include_defaults=False, metadata=meta)
+                tm = task_manager(plan.include_path, extra, meta)
                 tasks = list(tm.load([t.lm_name for t in plan.local])["tasks"].values())
                 gen = {"max_gen_toks": max_new_tokens}
                 if num_beams > 1:
                     gen["num_beams"] = num_beams
-                for task in tasks:
-                    task.set_config("generation_kwargs", gen, update=True)
-                out = _simple_evaluate(model, tokenizer, tasks, tm, batch_size, False, keep_samples, None, lm)
+                ours = {s.lm_name for s in plan.local if s.metric == "acc,first-match"}
+                for task in tasks:  # the generative protocol's decoding (a user's other tasks keep their own)
+                    if task.config.task in ours:
+                        task.set_config("generation_kwargs", gen, update=True)
+                # a capped evaluation: the first max_docs documents of each task
+                first = {t.lm_name: list(range(plan.max_docs[t.name])) for t in plan.local if t.name in plan.max_docs}
+                out = _simple_evaluate(model, tokenizer, tasks, tm, batch_size, False, keep_samples, None, lm,
+                                       first or None)
                 raw.update(out["results"])
                 samples.update(out.get("samples") or {})
                 n_samples = dict(out.get("n-samples") or {})
@@ -103,6 +107,8 @@ def evaluate_suite(model, tokenizer, plan: SuitePlan, *, batch_size: int = 16, m
             else:
                 n_samples, versions = {}, {}
             if plan.builtins:
+                from lm_eval.tasks import TaskManager
+
                 tm = TaskManager()
                 out = _simple_evaluate(model, tokenizer, [t.lm_name for t in plan.builtins], tm, batch_size, None,
                                        keep_samples, plan.builtin_limit, lm)
@@ -120,12 +126,6 @@ def evaluate_suite(model, tokenizer, plan: SuitePlan, *, batch_size: int = 16, m
                       {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "num_beams": num_beams})
 
 
-def _metric_key(spec) -> str:
-    from .suites import BUILTIN_METRIC
-
-    return BUILTIN_METRIC.get(spec.name, "acc,none") if spec.builtin else "acc,first-match"
-
-
 def _to_result(plan: SuitePlan, raw: dict, n_samples: dict, versions: dict, samples, wall_s: float,
                version: str, settings: dict) -> dict:
     headline = [t for t in plan.tasks if t.protocol == plan.protocol]
@@ -135,7 +135,7 @@ def _to_result(plan: SuitePlan, raw: dict, n_samples: dict, versions: dict, samp
         acc, err, n, metrics = {}, {}, {}, {}
         for t in specs:
             r = raw.get(t.lm_name, {})
-            key = _metric_key(t)
+            key = t.metric
             metric, filt = key.split(",")
             acc[t.name] = _pct(r.get(key))
             stderr = r.get(f"{metric}_stderr,{filt}")
@@ -163,6 +163,8 @@ def _to_result(plan: SuitePlan, raw: dict, n_samples: dict, versions: dict, samp
     }
     if plan.data_dir:
         result["data_dir"] = plan.data_dir
+    if plan.include_path:
+        result["include_path"] = plan.include_path
     if others:
         o_acc, o_err, o_n, o_metrics = block(others)
         result["other_protocols"] = {t.name: {"protocol": t.protocol, "accuracy": o_acc[t.name],

@@ -1,14 +1,18 @@
 """What smt-bench's lm-eval task YAMLs (smt_bench/evaluation/tasks/) call: where the test documents
 come from, the Alpaca prompt, the first-match filter and the per-document score.
 
-The tasks use lm-eval's `custom_dataset` hook, so the documents are read from local files (or made
-in memory) and never pass through the hub or the `datasets` cache. lm-eval calls
-`load_docs(**metadata, **dataset_kwargs)`; the run passes where the data lies through the
-TaskManager's metadata (`data_dir`, `split_dir`, `max_docs`), so the YAMLs themselves name no path
-and also work from lm-eval's own CLI:
+smt-bench's own tasks read their documents with `custom_dataset: !function ...lm_tasks.load_docs`, so
+they come from local files (or are made in memory) and never pass through the hub or the `datasets`
+cache. lm-eval calls `load_docs(**metadata, **dataset_kwargs)`: the task's YAML names the source and
+the set (`dataset_kwargs`) and its label family (`metadata.family`); the run passes where the data
+lies through the TaskManager's metadata (`data_dir`, `split_dir`), so the YAMLs name no path and also
+work from lm-eval's own CLI:
 
     lm_eval --model hf --model_args pretrained=DIR --include_path smt_bench/evaluation/tasks \\
         --tasks smt_commonsense_gen --metadata '{"data_dir": "/data/LLM-Adapters/dataset"}'
+
+A user's task may read its own files instead (`dataset_path: json`, `data_files`) and still use the
+prompt, filter and score here (tasks/_generative.yaml).
 """
 from __future__ import annotations
 
@@ -73,14 +77,12 @@ def records_for(source: str, name: str, *, data_dir: str | None = None, split_di
 
 
 def load_docs(source: str, name: str, family: str | None = None, data_dir: str | None = None,
-              split_dir: str | None = None, max_docs: dict | None = None, **_):
-    """lm-eval's custom_dataset hook: a DatasetDict with one `test` split, in file order (capped to
-    max_docs[name] documents when the run caps the evaluation)."""
+              split_dir: str | None = None, **_):
+    """lm-eval's custom_dataset hook: a DatasetDict with one `test` split, in file order (a capped
+    evaluation takes the first documents: simple_evaluate's `samples`)."""
     import datasets
 
     recs = records_for(source, name, data_dir=data_dir, split_dir=split_dir)
-    if max_docs and max_docs.get(name) is not None:
-        recs = recs[: int(max_docs[name])]
     docs = [{"task": name, "instruction": r["instruction"], "input": r.get("input") or "",
              "answer": str(r["answer"]).strip(), "family": family or family_of(str(r["answer"]))} for r in recs]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
@@ -91,6 +93,13 @@ def doc_to_text(doc: dict) -> str:
     return prompt_of(doc)
 
 
+def _family(doc: dict) -> str:
+    """The document's label family: load_docs stamps the task's (metadata.family); a document that
+    lm-eval read from the task's own files takes its gold answer's (the preflight checked that every
+    answer is of the task's family)."""
+    return doc.get("family") or family_of(str(doc["answer"]).strip())
+
+
 class FirstMatchFilter(Filter):
     """The response -> the first label of the document's label family (numbers: the last number);
     "" when there is none. One list of responses per document in, one list out."""
@@ -99,9 +108,9 @@ class FirstMatchFilter(Filter):
         super().__init__(**kwargs)
 
     def apply(self, resps, docs):
-        return [[extract(r, doc["family"]) or "" for r in rs] for rs, doc in zip(resps, docs)]
+        return [[extract(r, _family(doc)) or "" for r in rs] for rs, doc in zip(resps, docs)]
 
 
 def process_results(doc: dict, results: list) -> dict:
     """results[0]: the extracted label (the filter chain ends with take_first)."""
-    return {"acc": 1.0 if matches(results[0], doc["answer"]) else 0.0}
+    return {"acc": 1.0 if matches(results[0], str(doc["answer"]).strip()) else 0.0}

