@@ -33,7 +33,7 @@ class Added:
 ADDED = (
     Added("train.epochs", None, "2331b01", "epochs as an alternative to max_steps; null = max_steps decides"),
     Added("model.hub_kernels", False, "592d7b0", "transformers' hub kernels, off unless asked for"),
-    Added("eval.include_path", None, "eval-tasks-as-yaml", "a folder of the user's own lm-eval tasks; null = "
+    Added("eval.include_path", None, "1552274", "a folder of the user's own lm-eval tasks; null = "
           "smt-bench's task folder only"),
 )
 ADDED_KEYS = {a.key: a.value for a in ADDED}
