@@ -22,6 +22,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# `-m "not slow"` is the fast lane (docs/running.md); slow tests carry @pytest.mark.slow, and every test of
+# these files is a process launch (they import no pytest to mark it with)
+SLOW_FILES = ("test_adding_a_method.py", "test_gpu_check.py", "test_smt_study.py")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -199,6 +199,7 @@ def test_t_interval():
         assert t975(df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=2e-4)
 
 
+@pytest.mark.slow
 def test_known_plateau_found_and_none_reported(analysed):
     root, _, _ = analysed
     report = (root / "out1" / "report.md").read_text()
@@ -319,6 +320,7 @@ def test_smt_rate_per_eligible_block(tmp_path):
         validate(bad)
 
 
+@pytest.mark.slow
 def test_settings_series_duplicates_no_ft_and_no_eval(tmp_path):
     """Runs differing in training config are separate settings; a method's own config variants are
     separate series; a repeated seed is used once; no full FT and no evaluation still give every output."""
@@ -448,6 +450,7 @@ def test_provenance_listed(analysed):
     assert "| torch | 2.13.0+cpu (30) |" in prov
 
 
+@pytest.mark.slow
 def test_published_overlay_only_where_model_and_protocol_match(tmp_path):
     res = tmp_path / "results"
     for b, acc in ((0.005, 70.0), (0.01, 75.0)):
@@ -504,6 +507,7 @@ def test_cli_bad_input_exit_2_nothing_written(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_and_wrapper_write_the_report(tmp_path):
     res = tmp_path / "results"
     for seed in range(2):
@@ -518,6 +522,7 @@ def test_cli_and_wrapper_write_the_report(tmp_path):
     assert (tmp_path / "a" / "report.md").read_bytes() == (tmp_path / "b" / "report.md").read_bytes()
 
 
+@pytest.mark.slow
 def test_selection_stability_pairs_runs_that_differ_in_one_factor(tmp_path):
     """Jaccard of block sets between SMT runs differing only in the seed, or only in the warm-up length;
     runs that differ in two factors are not compared."""

@@ -175,6 +175,7 @@ TINY = ["model=tiny-llama", "device=cpu"]
 AS_PROCESS = ["unknown-budget", "steps-text", "clip-negative", "malformed-jsonl", "sweep-one-unreachable"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", AS_PROCESS)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path, smollm2_path):
     from test_bad_input import CASES
@@ -190,6 +191,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path,
     assert not results.exists() and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_bad_input_found_once_tokenised_is_one_line_and_no_result_file(cli, tmp_path, smollm2_path):
     """Every record longer than train.max_len loses its whole response: that shows only after
     tokenisation (past the preflight), and still ends as bad input, not as a failed run."""
@@ -209,6 +211,7 @@ RUN = [*TINY, "method=lora", "budget.fraction=0.005", "train.max_steps=4", "trai
        "data.n_val_per_task=1", "data.n_test_per_task=2", "eval.max_new_tokens=4", "eval.batch_size=4"]
 
 
+@pytest.mark.slow
 def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose, smollm2_path, only_progress_bars):
     results = tmp_path / "results"
     proc = cli(*RUN, f"results.dir={results}")
@@ -289,6 +292,7 @@ def test_run_writes_one_result_file_and_a_rerun_skips_it(cli, tmp_path, compose,
     assert [p for p in results.rglob("*") if p.is_file()] == [path] and path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_sweep_ends_with_a_table_and_the_analysis_command(cli, tmp_path, smollm2_path, only_progress_bars):
     """With the default results.dir (outputs/results, never the committed studies' results/), the printed
     analysis command reports exactly this sweep's runs."""
@@ -350,6 +354,7 @@ def test_a_tag_names_the_file_not_the_run(compose, tmp_path, smollm2_path):
     assert tagged.path.name == plain.path.name.replace("lora-b", "lora-qkv_only-b", 1)
 
 
+@pytest.mark.slow
 def test_help_lists_what_a_user_chooses(cli):
     from smt_bench.__main__ import INTERNAL_GROUPS, USER_GROUPS
     from smt_bench.schema.store import CONF

@@ -243,6 +243,7 @@ def test_catalogue_has_every_group_and_at_least_40_cases(tmp_path):
         assert group in keys, group
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, monkeypatch, capsys, tmp_path, smollm2_path):
     build, message = CASES[case]

@@ -23,6 +23,7 @@ def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_every_method_at_two_depths_gives_a_full_depth_table(tmp_path):
     p = _bench(tmp_path, *TINY, "bench.isolate=false", "bench.name=t")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -70,6 +71,7 @@ def _bench_config(*overrides: str):
         GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow
 def test_the_bench_follows_model_hub_kernels_and_records_it(tmp_path):
     """The bench builds its models from a config: with the key on they are kernelized as a run's are, each
     method's tuned model passes the hub-kernel check, and the result says so."""
@@ -82,6 +84,7 @@ def test_the_bench_follows_model_hub_kernels_and_records_it(tmp_path):
     assert res["runs"] and not [r for r in res["runs"] if r.get("failed")]
 
 
+@pytest.mark.slow
 def test_an_isolated_worker_is_a_process_of_its_own_with_the_fixed_mmap_threshold():
     from smt_bench.bench.__main__ import _run_worker, plan_jobs
 
@@ -112,6 +115,7 @@ def test_bad_bench_config_is_named(overrides, message):
         plan_jobs(cfg)
 
 
+@pytest.mark.slow
 def test_bad_bench_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     p = _bench(tmp_path, *TINY, "bench.layers=[2,1]")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -153,6 +153,7 @@ def test_smollm2_meta_shapes(smol_shapes):
     assert _peft_count("smollm2-135m", "lora", 1) == 30 * (2 * 576 + 2 * (576 + 192) + 2 * (576 + 1536)) == 207_360
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,fraction", [("lora", 0.001)] + [(k, f) for k in ("lora", "dora")
                                                                  for f in (0.005, 0.01, 0.02, 0.05)])
 def test_smollm2_plan_is_the_closest_real_count(kind, fraction, smol_shapes):

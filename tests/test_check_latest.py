@@ -24,6 +24,7 @@ def test_the_smoke_subset_covers_every_method_the_kernels_an_eval_and_the_analys
     assert (REPO / items["kernels"][2]).is_file() and (REPO / items["analysis"][2]).is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("item", sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml")) + ["eval"])
 def test_each_smoke_run_passes_the_preflight(item, tmp_path, monkeypatch, capsys, smollm2_path):
     args = check_latest.smoke_items(tmp_path)[item if item == "eval" else f"run:{item}"]

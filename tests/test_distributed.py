@@ -133,6 +133,7 @@ def compared(tmp_path_factory):
     return _results(one), _results(two), maps, stopped, "".join(resumed)
 
 
+@pytest.mark.slow
 def test_a_stopped_2_rank_run_resumes_where_its_checkpoint_left_off(compared):
     _, two, _, stopped, out = compared
     assert stopped["full_ft"]["status"] == "preempted" and stopped["full_ft"]["checkpoint_step"] == 6
@@ -144,6 +145,7 @@ def test_a_stopped_2_rank_run_resumes_where_its_checkpoint_left_off(compared):
     assert two["smt"][1]["train_info"]["resumed_from_step"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "smt"])
 def test_ddp_on_2_ranks_is_bitwise_the_run_of_1_process_with_the_same_global_batch(compared, method):
     """LoRA's 2-rank run was killed and resumed on the way: bitwise all the same."""
@@ -157,6 +159,7 @@ def test_ddp_on_2_ranks_is_bitwise_the_run_of_1_process_with_the_same_global_bat
     assert pa.name != pb.name  # the world size is part of the run's identity
 
 
+@pytest.mark.slow
 def test_lisa_on_2_ranks_is_bitwise_the_run_of_1_process(compared):
     """All-reduce of the layers active at each step (DDP cannot follow a changing trainable set)."""
     one, two, *_ = compared
@@ -167,6 +170,7 @@ def test_lisa_on_2_ranks_is_bitwise_the_run_of_1_process(compared):
     _same_run(a, b, _weights(pa), _weights(pb))
 
 
+@pytest.mark.slow
 def test_fsdp2_full_ft_on_2_ranks_matches_1_process_within_tolerance(compared):
     """Its 2-rank run was preempted (SIGTERM) at step 6 and resumed."""
     one, two, *_ = compared
@@ -181,6 +185,7 @@ def test_fsdp2_full_ft_on_2_ranks_matches_1_process_within_tolerance(compared):
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= FSDP_TOLERANCE
 
 
+@pytest.mark.slow
 def test_both_smt_ranks_select_the_blocks_one_process_selects(compared):
     one, two, maps, *_ = compared
     rank0, rank1 = (json.loads((maps / f"rank{r}.json").read_text()) for r in (0, 1))
@@ -188,6 +193,7 @@ def test_both_smt_ranks_select_the_blocks_one_process_selects(compared):
     assert len(rank0) == sum(two["smt"][1]["method_info"]["selected_blocks"].values()) > 0
 
 
+@pytest.mark.slow
 def test_rank_0_alone_writes_one_result_per_run_and_no_checkpoint_is_left(compared):
     _, two, *_ = compared
     folder = next(iter(two.values()))[0].parent

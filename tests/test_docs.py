@@ -492,6 +492,7 @@ def test_the_docs_show_commands_of_every_kind():
     assert ".venv/bin/python -m smt_bench method=smt budget=sweep" in cmds  # README command 1
 
 
+@pytest.mark.slow
 def test_every_documented_command_composes_and_passes_the_preflight(offline_scratch, monkeypatch):
     failures, seen = [], set()
     for doc, cmd in all_commands():

@@ -95,6 +95,7 @@ def test_kernels_import_as_smt_bench_kernels_from_the_editable_install():
     assert Path(out[1]) == REPO / "kernels" / "src" / "torch_ops.py" and out[2] == "torch"
 
 
+@pytest.mark.slow
 def test_a_wheel_built_from_the_repo_contains_the_kernels(tmp_path):
     pytest.importorskip("setuptools")  # the build backend, from the lock (built without an isolated env)
     src = tmp_path / "src"  # a copy: building in the repo would leave build/ and *.egg-info behind

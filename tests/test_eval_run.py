@@ -100,6 +100,7 @@ def test_bad_eval_input_stops_in_the_preflight(case, compose, tmp_path, smollm2_
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["offline-commonsense", "no-data-dir", "unknown-task"])
 def test_bad_eval_input_exits_2_with_one_line_and_writes_nothing(case, cli, tmp_path, smollm2_path):
     args, message = BAD[case]

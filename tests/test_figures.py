@@ -138,6 +138,7 @@ def test_labels_wrap_between_config_items():
 
 
 # --- synthetic result sets ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_every_figure_of_a_crowded_setting_is_readable(rich):
     _, found = rich
     stems = {k.split("/", 1)[1] for k in found}
@@ -164,6 +165,7 @@ def _legend_texts(fig) -> list[str]:
             for t in lg.get_texts()]
 
 
+@pytest.mark.slow
 def test_the_main_comparison_shows_one_series_per_method_and_variants_get_their_own_panels(rich):
     root, _ = rich
     s = _setting(root / "results")
@@ -191,6 +193,7 @@ def test_the_main_comparison_shows_one_series_per_method_and_variants_get_their_
     assert heat == ["0.5% · 2 runs", "1% · 2 runs", "2% · 2 runs", "5% · 2 runs"]
 
 
+@pytest.mark.slow
 def test_the_figures_are_byte_identical_when_regenerated_and_checked_as_saved(rich, tmp_path):
     """The figures whose layout is computed (constrained layout, labels placed around points) included; the
     second time each is checked first, which must not move anything (the layout is laid out once)."""
@@ -212,6 +215,7 @@ def test_the_figures_are_byte_identical_when_regenerated_and_checked_as_saved(ri
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_without_a_main_column_every_series_is_drawn(rich):
     """Cells from before the main/variant columns: every series counts as main, and nothing overlaps."""
     root, _ = rich
@@ -253,6 +257,7 @@ def _paper_results(root: Path) -> Path:
     return res
 
 
+@pytest.mark.slow
 def test_the_paper_results_the_published_overlay_and_a_setting_without_full_ft_are_readable(tmp_path, drawn):
     res = _paper_results(tmp_path)
     for seed in range(2):  # another setting: no full FT, no evaluation
@@ -266,6 +271,7 @@ def test_the_paper_results_the_published_overlay_and_a_setting_without_full_ft_a
 
 
 # --- the committed runs ---------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(not (SWEEP / "runs").is_dir(), reason="no committed embedded sweep")
 def test_every_figure_of_the_committed_sweep_is_readable(tmp_path, drawn):
     found = drawn([SWEEP], tmp_path / "out")

@@ -279,6 +279,7 @@ def _run_py(code: str, **env) -> subprocess.CompletedProcess:
                           env=full_env, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 def test_dispatch_triton_on_cpu_needs_interpreter():
     code = (
         "from smt_bench.kernels import get_backend\n"
@@ -292,6 +293,7 @@ def test_dispatch_triton_on_cpu_needs_interpreter():
     assert res.stdout.splitlines()[1] == "torch triton"  # compiled triton is auto's pick on cuda
 
 
+@pytest.mark.slow
 def test_import_without_triton():
     code = (
         "import sys, torch\n"

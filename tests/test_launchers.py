@@ -92,6 +92,7 @@ def test_slurm_sweep_is_one_array_job_with_the_requested_resources_requeue_and_s
         SignalHandler(SlurmJobEnvironment(), paths, task).checkpoint_and_try_requeue(signal.SIGUSR2)
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_a_sweep_to_finished_results(cli, tmp_path, smollm2_path):
     results, sweep = tmp_path / "results", tmp_path / "sweep"
     proc = cli("-m", "hydra/launcher=local", *TINY, "seed=0,1", f"results.dir={results}", f"hydra.sweep.dir={sweep}",
@@ -128,6 +129,7 @@ def test_tasks_per_node_starts_each_run_as_that_many_ranks_through_srun(sbatch, 
     assert two.path.name != one.path.name and two.path.name.startswith("lora-b0.01-s0-")
 
 
+@pytest.mark.slow
 def test_a_slurm_task_joins_the_world_slurm_describes(tmp_path):
     """Without torchrun, each SLURM task (srun, or submitit's tasks_per_node) exports RANK / WORLD_SIZE /
     LOCAL_RANK / MASTER_ADDR from SLURM's variables before joining (submitit's TorchDistributedEnvironment)."""

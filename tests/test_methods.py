@@ -1,32 +1,85 @@
-"""Each method trains tiny-llama for 20 steps through the shared trainer: the loss falls, its trainable
-count is the plan's, exactly the tensors it trains change (every other one stays bit-identical; full FT
-changes every tensor), and its merged plain model gives the tuned model's logits."""
+"""Every method of conf/method/ trains tiny-llama for 20 steps through the shared trainer: the loss falls, its
+trainable count is the plan's, exactly the tensors it trains change (every other one stays bit-identical; full
+FT changes every tensor), and its merged plain model gives the tuned model's logits. And each method key has its
+default in one place (the dataclass), never restated by its YAML."""
 import copy
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 from transformers import LlamaForCausalLM
 
 from smt_bench.data.bundled import BundledSuite
 from smt_bench.data.batches import BatchStream, collate, encode
 from smt_bench.loggers import NullLogger
 from smt_bench.models import shapes_of
+from smt_bench.run import method_context
 from smt_bench.trainer import train
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))  # every method the harness ships
 STEPS = 20
 # higher than the configs' defaults so that 20 steps on a random model move the loss clearly
-LR = {"full_ft": 1e-3, "lisa": 1e-3, "lora": 1e-2, "dora": 1e-2, "pissa": 1e-2, "rslora": 1e-2, "shira": 1e-2,
-      "miss": 1e-2, "s2ft": 1e-2}
-PEFT = ("lora", "dora", "pissa", "rslora", "shira", "miss")
-# tiny-llama: rank 11 (LoRA 15,488 / DoRA 16,128 trainable); LISA: one of the 2 layers (36,992)
-FRACTION = {"lisa": 0.0115}
+LR = {"full_ft": 1e-3, "lisa": 1e-3}  # they train whole tensors; every other method: 1e-2
+# tiny-llama: rank 11 (LoRA 15,488 / DoRA 16,128 trainable); LISA: one of the 2 layers (36,992);
+# SMT: 16 blocks of 32x32, all of q, k, v (16,384)
+FRACTION = {"lisa": 0.0115}  # every other method: 0.005
+# the parameters a method adds and trains, by name (full FT and LISA train the model's own: _trained_names)
 TRAINED_BY = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
               "pissa": ("lora_A", "lora_B"), "rslora": ("lora_A", "lora_B"), "shira": ("shira_weight",),
-              "miss": ("miss_block",), "s2ft": ("delta",)}
+              "miss": ("miss_block",), "s2ft": ("delta",), "smt": ("blocks",)}
 
 
+def test_every_method_is_covered():
+    assert {"smt", "lora", "dora", "full_ft"} <= set(METHODS)
+    assert set(TRAINED_BY) | {"full_ft", "lisa"} == set(METHODS), "add the new method's trained tensors"
+
+
+# --- each default is stated once ------------------------------------------------------------------
+def _own(name: str) -> dict:
+    """The method keys conf/method/<name>.yaml itself sets (full_ft's file is @package _global_)."""
+    node = OmegaConf.to_container(OmegaConf.load(CONF / "method" / f"{name}.yaml"))
+    node = node if "_target_" in node else node["method"]
+    return {k: v for k, v in node.items() if k != "defaults"}
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_each_default_is_stated_once(name, compose):
+    """The rule (docs/methods.md): a key's default is its dataclass's; the YAML sets the keys without one
+    (name, lr) and, where several files share one class (PeftTuner), what makes it that method: never a
+    defaulted key of a class of its own, never a value equal to the default."""
+    own = _own(name)
+    cls = get_class(own.pop("_target_"))
+    shared = [m for m in METHODS if m != name and get_class(_own(m)["_target_"]) is cls]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    assert set(own) <= set(fields), f"{name}.yaml sets keys {cls.__name__} does not have"
+    required = {k for k, f in fields.items() if _default(f) is dataclasses.MISSING}
+    assert required <= set(own), f"{name}.yaml leaves required keys unset"
+    for key, value in own.items():
+        default = _default(fields[key])
+        if default is dataclasses.MISSING:
+            continue
+        assert shared, (f"{name}.yaml sets {key}={value!r}; its default is {cls.__name__}'s ({default!r}): "
+                        f"change it there, or make it required")
+        assert value != default, f"{name}.yaml restates {cls.__name__}.{key}'s default {default!r}"
+    # the composed method, built as the app builds it, is the dataclass's defaults plus the file's keys
+    built = instantiate(compose(f"method={name}").method, _convert_="all")
+    assert type(built) is cls and built == cls(**own)
+
+
+# --- 20 steps of each method on tiny-llama -------------------------------------------------------
 class _Recorder(NullLogger):
     def __init__(self):
         self.logged = []
@@ -44,31 +97,35 @@ def examples(tokenizer):
     return train_ex, collate(val_ex, tokenizer.pad_token_id)
 
 
-@pytest.fixture(scope="module", params=list(LR))
+@pytest.fixture(scope="module", params=METHODS)
 def trained(request, _tiny_llama_pristine, tokenizer, examples, compose):
     """(name, Tuned, tuned model, {name: (live parameter, copy after prepare)}, train_info)."""
     name = request.param
-    fraction = FRACTION.get(name, 0.005)
-    cfg = compose("model=tiny-llama", f"method={name}", f"method.lr={LR[name]}", f"budget.fraction={fraction}",
+    fraction, lr = FRACTION.get(name, 0.005), LR.get(name, 1e-2)
+    cfg = compose("model=tiny-llama", f"method={name}", f"method.lr={lr}", f"budget.fraction={fraction}",
                   f"train.max_steps={STEPS}", "train.batch_size=4", "train.max_len=128", "train.warmup_ratio=0",
                   "train.eval_every=10", "train.log_every=5")
     method = instantiate(cfg.method, _convert_="all")
-    assert method.name == name and method.lr == LR[name]
+    assert method.name == name and method.lr == lr
     model = copy.deepcopy(_tiny_llama_pristine[0])
     shapes = shapes_of(model)
     plan = method.plan(shapes, round(fraction * shapes.total_params))
+    train_ex, val_batch = examples
+    device = torch.device("cpu")
+    # the method's own batch stream (SMT's warm-up), as the app builds it
+    context = method_context(train_ex, 4, tokenizer.pad_token_id, seed=0, dev=device)
     torch.manual_seed(0)
-    tuned = method.prepare(model, plan, None)
+    tuned = method.prepare(model, plan, context)
     assert sum(p.numel() for p in tuned.trainable_parameters()) == plan.achieved_params
     before = {n: (p, p.detach().clone()) for n, p in tuned.model.named_parameters()}
-    train_ex, val_batch = examples
     logger = _Recorder()
     info = train(tuned, BatchStream(train_ex, 4, tokenizer.pad_token_id, seed=0), [val_batch], cfg.train,
-                 torch.device("cpu"), logger)
+                 device, logger)
     info["_plan"], info["_logged"] = plan, logger.logged
     return name, tuned, tuned.model, before, info
 
 
+@pytest.mark.slow
 def test_loss_falls(trained):
     name, _, _, _, info = trained
     losses = info["loss_curve"]
@@ -83,6 +140,7 @@ def test_loss_falls(trained):
     assert [s for s, m in info["_logged"] if "train/loss" in m] == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_trainer_accounts_trainable_memory(trained):
     name, tuned, model, _, info = trained
     n = sum(p.numel() for p in tuned.trainable_parameters())
@@ -104,9 +162,13 @@ def _trained_names(name, tuned, model) -> set[str]:
     if name == "lisa":
         drawn = {i for d in tuned.report()["active_layers"] for i in d["layers"]}
         return {n for n in names if any(n.startswith(f"model.layers.{i}.") for i in drawn)}
-    return {n for n in names if any(part in TRAINED_BY[name] for part in n.split("."))}
+    added = {n for n in names if any(part in TRAINED_BY[name] for part in n.split("."))}
+    if name == "smt":  # the trained blocks are written into their frozen dense weight once per step
+        added |= {n.rsplit(".", 1)[0] + ".weight" for n in added}
+    return added
 
 
+@pytest.mark.slow
 def test_exactly_the_trained_tensors_change(trained):
     name, tuned, model, before, _ = trained
     live = {id(p) for p in model.parameters()}
@@ -122,6 +184,7 @@ def test_exactly_the_trained_tensors_change(trained):
         assert len(before) == 2 * 9 + 2  # 9 weights per layer (7 linears + 2 norms), embedding, final norm
 
 
+@pytest.mark.slow
 def test_no_hub_kernel_can_bypass_what_it_trains(trained):
     """model.hub_kernels=true, verified per method: every module whose forward a hub kernel may replace
     (Llama's RMSNorms and SiLU) is transformers' own and holds nothing of the method's below it."""
@@ -149,6 +212,7 @@ def test_pissa_rewrites_the_base_but_not_the_function(_tiny_llama_pristine, exam
         torch.testing.assert_close(tuned.model.eval()(**inputs).logits, base(**inputs).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_merged_model_gives_the_adapter_logits(trained, _tiny_llama_pristine, examples):
     name, tuned_model, _, _, _ = trained
     _, val_batch = examples

@@ -57,7 +57,7 @@ def test_the_new_peft_form_of_lora_hashes_as_the_old_class():
 
 
 def test_added_keys_at_their_old_value_leave_the_id_and_elsewhere_change_it():
-    cfg = {"train": {"max_steps": 20}, "model": {"name": "m"}, "method": {"_target_": "x", "name": "x"}}
+    cfg = {"train": {"max_steps": 20}, "model": {"name": "m"}, "eval": {"suite": "s"}, "method": {"_target_": "x", "name": "x"}}
     base = provenance.config_hash(cfg)
     for added in migrations.ADDED:
         group, key = added.key.split(".", 1)

@@ -60,6 +60,7 @@ def test_every_preset_is_listed():
     assert PRESETS == sorted(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_composes_and_passes_the_preflight_on_tiny_llama(preset, tmp_path, monkeypatch, capsys,
                                                                       smollm2_path):
@@ -95,6 +96,7 @@ def test_the_recipes_set_the_papers_hyper_parameters():
     assert (plain.method.lr, plain.method.warmup_steps, plain.train.epochs) == (5e-4, 4, None)
 
 
+@pytest.mark.slow
 def test_the_plateau_fractions_are_loras_ranks_8_to_256_on_llama_7b():
     from hydra.utils import instantiate
 
@@ -196,6 +198,7 @@ def paper_report(tmp_path_factory):
     return root / "out"
 
 
+@pytest.mark.slow
 def test_the_papers_figures_are_drawn_by_name(paper_report):
     figs = paper_report / "figures" / "tiny-llama-bundled"
     for stem in ("paper_qkv", "paper_attn_mlp", "paper_selection", "paper_qkv_share"):
@@ -241,6 +244,7 @@ def test_the_paper_layout_table_puts_the_published_rows_beside_ours(tmp_path):
 
 
 # --- train.epochs (the recipes' 3 epochs) ---------------------------------------------------------
+@pytest.mark.slow
 def test_epochs_set_the_steps_from_the_tokenised_set_and_null_keeps_the_run_ids(compose, tmp_path, smollm2_path):
     from smt_bench import provenance
     from smt_bench.run import execute

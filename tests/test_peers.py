@@ -157,6 +157,7 @@ def test_lisa_draws_depend_on_seed_and_period_and_free_the_optimizer_state():
 
 # --- sweeps over methods ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_sweep_over_methods_skips_a_budget_a_method_cannot_meet(cli, tmp_path):
     """LISA cannot train 0.1% of tiny-llama (one layer is 1.15%): that job is skipped, said so, and the
     rest of the grid runs; the sweep succeeds."""

@@ -63,6 +63,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["smt"])  # LoRA: SIGTERM below, kill -9 in the sweep and under torchrun
 def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(name, uninterrupted, tmp_path):
     args = [*BASE, *METHOD[name], "train.checkpoint_every=3", f"results.dir={tmp_path / 'results'}"]
@@ -86,6 +87,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(name, uni
     assert not ckpt.exists()  # a finished run keeps its result and export, not its checkpoints
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_and_the_same_command_resumes(uninterrupted, tmp_path):
     args = [*BASE, *METHOD["lora"], "train.checkpoint_every=0", f"results.dir={tmp_path / 'results'}"]
     p = _run(tmp_path / "cwd", args, faults=["term:5"])
@@ -100,6 +102,7 @@ def test_sigterm_checkpoints_stops_and_the_same_command_resumes(uninterrupted, t
     _same_run(ref, resumed, ref_w, _weights(path))
 
 
+@pytest.mark.slow
 def test_a_sweep_with_broken_cells_finishes_the_rest_and_a_rerun_runs_only_those(tmp_path):
     """Seeds 0..4: seed 1 diverges (NaN loss from step 3), seed 2 raises at step 2, seed 4 is killed -9 at
     step 3 (the sweep's process with it); seeds 0 and 3 finish. The same sweep again runs 1, 2 and 4 only."""
@@ -127,6 +130,7 @@ def test_a_sweep_with_broken_cells_finishes_the_rest_and_a_rerun_runs_only_those
     assert "[smt-bench] sweep of 5 jobs: 3 finished, 2 skipped" in p.stdout
 
 
+@pytest.mark.slow
 def test_an_oom_cell_is_recorded_with_its_batch_size_and_the_sweep_exits_1_after_the_others_ran(tmp_path):
     args = ["-m", *BASE, *METHOD["lora"], "results.export=false", "seed=0,1", "train.max_steps=3",
             f"results.dir={tmp_path / 'results'}"]

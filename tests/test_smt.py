@@ -235,6 +235,7 @@ def _oracle(per_step, names, B, kind, accumulation, k, mode):
     return want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation,device", [("grad_sum", "same"), ("grad_sum", "cpu"), ("score_sum", "same")])
 @pytest.mark.parametrize("mode", ["global", "per_matrix"])
 @pytest.mark.parametrize("kind", ["abs_mean", "mean_abs", "l1", "l2"])

@@ -27,6 +27,7 @@ def _differing(a: Path, b: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_embedded_sweep_report_regenerates_byte_identically(tmp_path):
     """`python -m smt_bench.analysis results/embedded-sweep --out results/embedded-sweep/analysis`."""
     from smt_bench.analysis.report import Options, analyze
@@ -38,6 +39,7 @@ def test_embedded_sweep_report_regenerates_byte_identically(tmp_path):
     assert _differing(study / "analysis", copy / "analysis") == []
 
 
+@pytest.mark.slow
 def test_selection_study_report_regenerates_byte_identically(tmp_path):
     study = RESULTS / "smt-selection-study"
     copy = tmp_path / "smt-selection-study"

@@ -50,7 +50,9 @@ class Context:
 @dataclass(frozen=True)
 class Method:
     """Fields are the method's config: their types and `valid` values are its config schema
-    (smt_bench/schema/store.py registers it), checked before anything loads."""
+    (smt_bench/schema/store.py registers it), checked before anything loads. A field's default is
+    stated here only: conf/method/<name>.yaml sets the fields without one (name, lr) and, for a class
+    several files share (PeftTuner), what makes it that method (docs/methods.md)."""
 
     name: str = param(REQUIRED, nonempty())
     lr: float = param(REQUIRED, above(0))

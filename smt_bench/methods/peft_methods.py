@@ -63,9 +63,12 @@ def _plain(value) -> Any:
 
 @dataclass(frozen=True)
 class PeftTuner(Method):
+    """Defaults: LoRA's peft config on the DoRA commonsense protocol's targets. conf/method/<name>.yaml
+    sets only what makes it that method (peft_config, args, scaled_args; docs/methods.md)."""
+
     peft_config: str = param("LoraConfig", nonempty())  # a class of peft: LoraConfig, ShiraConfig, MissConfig, ...
-    knob: str = param("r", nonempty())  # the config argument the budget sets
-    target_modules: List[str] = param(valid=nonempty_list(),
+    knob: str = param("r", nonempty())  # the config argument the budget sets (SHiRA: r·(m+n) entries per m×n target)
+    target_modules: List[str] = param(valid=nonempty_list(),  # the DoRA commonsense protocol
                                       factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     args: Dict[str, Any] = param(valid=ARGUMENTS, factory=dict)  # fixed arguments of the peft config
     scaled_args: Dict[str, float] = param(valid=ARGUMENTS, factory=dict)  # set to ratio × knob (LoRA: lora_alpha = 2r)

@@ -61,10 +61,12 @@ def _spread(total: int, n: int) -> list[int]:
 class S2FT(Method):
     attn_module: str = param("o_proj", nonempty())  # trained by whole heads (input columns of one head)
     mlp_module: str = param("down_proj", nonempty())  # trained by channels (one input column each)
-    attn_share: Optional[float] = param(None, optional(within(0, 1), "(by pool size)"))  # share of the budget on heads
+    # share of the budget on heads; null: by pool size (SmolLM2: 27%)
+    attn_share: Optional[float] = param(None, optional(within(0, 1), "(by pool size)"))
+    # random (S2FT-R, the paper's default) | weight (S2FT-W: by column-block norm)
     strategy: str = param("random", one_of(STRATEGIES))
     largest: bool = True  # strategy=weight: the columns of largest norm (false: smallest)
-    selection_seed: Optional[int] = param(None, optional(count(0), "(the run's seed)"))
+    selection_seed: Optional[int] = param(None, optional(count(0), "(the run's seed)"))  # null: the run's seed
 
     def _modules(self, shapes: ModelShapes):
         attn, mlp = shapes.select([self.attn_module]), shapes.select([self.mlp_module])

@@ -28,18 +28,32 @@ POWERS_OF_TWO = (8, 16, 32, 64, 128, 256, 512)
 
 @dataclass(frozen=True)
 class SMT(Method):
-    block_size: int = param(256, count(1))  # the largest allowed: plan() takes the largest size <= it that fits
-    warmup_steps: int = param(100, count(1))
+    """Each key's default is here only (conf/method/smt.yaml sets name and lr); the paper's values:
+    conf/recipe_method/paper_commonsense_smt.yaml. What each key is in SMT: docs/smt.md §11."""
+
+    # the largest block size allowed: plan() takes the largest size <= it that divides the model (SmolLM2: 64)
+    block_size: int = param(256, count(1))
+    warmup_steps: int = param(4, count(1))  # paper: 100 (its recipe); sized for the embedded CPU run
+    # score_only: hooks reduce grads to block scores, no optimizer | update: the reference's (full-FT steps)
     warmup_mode: str = param("score_only", one_of(WARMUP_MODES))
-    warmup_lr: float = param(9.65e-6, above(0))  # warmup_mode=update
-    signal: str = param("gradient", one_of(SIGNALS))  # activation: the reference's channel sparsity, as blocks
+    warmup_lr: float = param(9.65e-6, above(0))  # used by warmup_mode=update
+    # gradient | activation: warm-up forward passes, mean |x| per input channel (the reference's channel
+    # sparsity), as blocks
+    signal: str = param("gradient", one_of(SIGNALS))
+    # abs_mean | mean_abs | l1 | l2 (the reference: mean_abs by default, abs_mean in its README)
     score: str = param("abs_mean", one_of(SCORES))
-    score_accumulation: str = param("grad_sum", one_of(ACCUMULATIONS))  # grad_sum: the reference's estimator
-    accumulator_device: str = param("same", one_of(ACCUMULATOR_DEVICES))  # cpu: the reference's placement
+    # grad_sum: Σ raw gradients, one statistic at the end (the reference's estimator) | score_sum: Σ per-step
+    # statistics
+    score_accumulation: str = param("grad_sum", one_of(ACCUMULATIONS))
+    # same (the weights' device) | cpu (host memory, the reference's placement; for 7B-scale warm-ups)
+    accumulator_device: str = param("same", one_of(ACCUMULATOR_DEVICES))
+    # the eligible matrices: any of q, k, v, o, gate, up, down
     projections: list[str] = param(valid=subset_of(PROJ), factory=lambda: ["q", "k", "v"])
-    selection: str = param("global", one_of(SELECTIONS))
+    selection: str = param("global", one_of(SELECTIONS))  # global | per_matrix | attn_mlp (separate attention / MLP pools)
+    # attn_mlp: the attention pool's share of k (null: by pool size)
     attn_share: float | None = param(None, optional(within(0, 1, lo_open=True, hi_open=True), "(by pool size)"))
-    kernels: str = param("auto", one_of(BACKENDS))
+    kernels: str = param("auto", one_of(BACKENDS))  # auto (triton on CUDA) | triton | torch
+    # save the whole shared input when the selected columns cover this much of it
     full_input_threshold: float = param(0.8, within(0, 1))
 
     def identity(self, node: dict) -> dict:
