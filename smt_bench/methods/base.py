@@ -63,10 +63,6 @@ class Method:
     def __post_init__(self):
         check_fields(self, "method")
 
-    def identity(self, node: dict) -> dict:
-        """The method's config as its run id hashes it (a method that moved classes keeps its ids)."""
-        return node
-
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
         raise NotImplementedError
 

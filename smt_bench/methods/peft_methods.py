@@ -37,7 +37,6 @@ REWRITES_BASE = {"LoraConfig": ("init_lora_weights", lambda v: isinstance(v, str
 # adds parameters but no rank.
 MAX_SIZE = {"LoraConfig": lambda t: min(t.d_in, t.d_out)}
 # run ids of LoRA / DoRA from before this class: their configs hashed in that class's form
-LEGACY_LORA = "smt_bench.methods.peft_methods.LoRA"
 _COUNTS: dict = {}  # (shapes, tuner config, size) -> trainable count: plans re-ask for the same sizes
 
 
@@ -108,18 +107,6 @@ class PeftTuner(Method):
             raise invalid(f"{at}.args.use_dora", dora, "false (with LoraConfig) for method=lora; DoRA is method=dora")
         if cfg.name == "dora" and not dora:
             raise invalid(f"{at}.args.use_dora", dora, "true for method=dora; LoRA is method=lora")
-
-    def identity(self, node: dict) -> dict:
-        """LoRA and DoRA configs keep the run ids they had before this class: hashed in the old form."""
-        args = dict(node.get("args") or {})
-        legacy = (node.get("peft_config") == "LoraConfig" and node.get("knob") == "r"
-                  and set(node.get("scaled_args") or {}) == {"lora_alpha"} and args.pop("bias", "none") == "none"
-                  and set(args) == {"lora_dropout", "use_dora"})
-        if not legacy:
-            return node
-        return {"_target_": LEGACY_LORA, "name": node["name"], "lr": node["lr"], "weight_decay": node["weight_decay"],
-                "target_modules": node["target_modules"], "alpha_ratio": node["scaled_args"]["lora_alpha"],
-                "dropout": args["lora_dropout"], "use_dora": args["use_dora"]}
 
     # --- the budget ---
     def peft_config_for(self, size: int, count_only: bool = False):

@@ -56,10 +56,6 @@ class SMT(Method):
     # save the whole shared input when the selected columns cover this much of it
     full_input_threshold: float = param(0.8, within(0, 1))
 
-    def identity(self, node: dict) -> dict:
-        """Runs from before `signal` existed were gradient-selected: the default keeps their ids."""
-        return {k: v for k, v in node.items() if not (k == "signal" and v == "gradient")}
-
     @staticmethod
     def check_config(cfg, at: str) -> None:
         if cfg.signal == "activation" and cfg.warmup_mode != "score_only":
