@@ -1,16 +1,23 @@
 """`python -m smt_bench [overrides]`: the Hydra app. Bad input exits 2 with one line on stderr."""
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 
 from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, BudgetUnreachable, UserError
 from .schema.store import CONF, register
+from .summary import Job
+
+if TYPE_CHECKING:
+    from .run import Prepared
 
 register()  # the config schema, before Hydra composes anything
 
@@ -88,16 +95,17 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
-def app(cfg: DictConfig) -> None:
-    """A run that diverges, runs out of memory or fails is recorded in its result file; in a sweep the
-    next job goes on (the sweep's table lists it, and rerunning the sweep runs it again)."""
+def job(cfg: DictConfig, prepared: "Prepared | None" = None) -> None:
+    """One job of the command line (Hydra's task, in this process or on a cluster node), with what the preflight
+    prepared for it when it runs in this process. A run that diverges, runs out of memory or fails is recorded in
+    its result file; in a sweep the next job goes on (the sweep's table lists it, and rerunning the sweep runs it
+    again)."""
     from .distributed import World
     from .preemption import Preempted
     from .run import RunFailed, execute
 
     try:
-        execute(cfg)
+        execute(cfg, prepared)
     except BudgetUnreachable as e:
         if not _multirun():
             _fail(str(e))
@@ -114,6 +122,28 @@ def app(cfg: DictConfig) -> None:
     except Preempted as e:  # checkpointed: the same command resumes (submitit requeues it on a cluster)
         print(f"smt-bench: preempted by {e}; checkpoint saved", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
+
+
+def app(plan: "Plan | None" = None) -> None:
+    """Hydra's app over sys.argv. Hydra composes each job's config and launches it; a job this process runs
+    takes the Prepared the preflight built for it (each job is built once). The task Hydra sees wraps `job`, so
+    Hydra names the jobs after this module, as the launchers and their folders expect."""
+    prepared = dict(plan.prepared) if plan is not None else {}
+
+    @functools.wraps(job)
+    def task(cfg: DictConfig) -> None:
+        job(cfg, prepared.pop(job_key(cfg), None))
+
+    hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(task)()
+
+
+def job_key(cfg: DictConfig) -> str:
+    """A composed job config's identity, the same for the preflight's composition and Hydra's."""
+    from omegaconf import OmegaConf
+
+    from .provenance import config_hash
+
+    return config_hash(OmegaConf.to_container(cfg, resolve=False))
 
 
 def compose_config(overrides: list[str], hydra: bool = False):
@@ -133,18 +163,22 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
     """The override list of every job Hydra will launch for this command line (one if not a sweep): the
     basic sweeper's grid, built with Hydra's public override parser (the config's `hydra.sweeper.params`,
     then the command line; a later value of a key replaces an earlier one; the product in key order)."""
+    return _grid(argv)[0]
+
+
+def _grid(argv: list[str]) -> tuple[list[list[str]], bool, DictConfig]:
+    """(every job's overrides, whether the command is a multirun, the composed hydra config)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
     from hydra.types import RunMode
 
     overrides = [a for a in argv if not a.startswith("-")]
-    multirun = "-m" in argv or "--multirun" in argv
     fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
     hcfg = compose_config(fixed, hydra=True)
-    multirun = multirun or hcfg.hydra.mode == RunMode.MULTIRUN
+    multirun = "-m" in argv or "--multirun" in argv or hcfg.hydra.mode == RunMode.MULTIRUN
     params = [f"{k}={v}" for k, v in (hcfg.hydra.sweeper.params or {}).items()]
     if not multirun:
-        return [overrides]
+        return [overrides], False, hcfg
     grid: dict[str, list[str]] = {}
     for o in OverridesParser.create().parse_overrides(params + overrides):
         key = o.get_key_element()
@@ -153,44 +187,62 @@ def sweep_points(argv: list[str]) -> list[list[str]]:
                                          f"range or interval")
         grid[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
                      else [f"{key}={o.get_value_element_as_str()}"])
-    return [list(job) for job in itertools.product(*grid.values())]
+    return [list(job) for job in itertools.product(*grid.values())], True, hcfg
 
 
-def planned_world_size(argv: list[str]) -> int | None:
+def _launcher(hcfg: DictConfig) -> str:
+    return str((hcfg.hydra.get("launcher") or {}).get("_target_", ""))
+
+
+def planned_world_size(argv: list[str], hcfg: DictConfig | None = None) -> int | None:
     """The ranks each job will have where the launcher starts them (SLURM: nodes × tasks_per_node, one
     srun task per rank); None: this process's own world (torchrun's, or one process)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = [a for a in argv if not a.startswith("-")]
-    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
-    launcher = compose_config(fixed, hydra=True).hydra.get("launcher") or {}
-    if "SlurmLauncher" in str(launcher.get("_target_", "")):
+    if hcfg is None:
+        hcfg = _grid(argv)[2]
+    launcher = hcfg.hydra.get("launcher") or {}
+    if "SlurmLauncher" in _launcher(hcfg):
         return int(launcher.get("nodes") or 1) * int(launcher.get("tasks_per_node") or 1)
     return None
 
 
-def preflight(argv: list[str]) -> list:
-    """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input);
-    returns the jobs (their own overrides, result file, and whether it was finished already)."""
+@dataclass
+class Plan:
+    """What the preflight found for a command line: every job Hydra will launch (its overrides, result file and
+    whether it was finished before) with its results.dir, the jobs skipped before training (a budget their method
+    cannot meet), whether the command is a multirun (a sweep, even of one job: its table and exit status say
+    whether every run finished), and the Prepared runs of the jobs this process will run itself (Hydra's basic
+    launcher, or a single run), each used once by its job."""
+    jobs: list[Job] = field(default_factory=list)
+    results_dirs: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    multirun: bool = False
+    prepared: dict[str, Prepared] = field(default_factory=dict)
+
+
+def preflight(argv: list[str]) -> Plan:
+    """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input); bad
+    input exits 2 with one line."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from .results import finished
     from .run import Prepared
     from .schema.validate import error_line
-    from .summary import Job
 
     try:  # a mistyped value or key, or an unquoted list, would otherwise end in a traceback with exit 1
-        points = sweep_points(argv)
+        points, multirun, hcfg = _grid(argv)
         cfgs = [compose_config(job) for job in points]
-        world_size = planned_world_size(argv)
+        world_size = planned_world_size(argv, hcfg)
     except (ConfigCompositionException, OverrideParseException) as e:
         _fail(error_line(e))
-    jobs, skipped = [], []
+    in_process = not multirun or "BasicLauncher" in _launcher(hcfg)  # else each job runs in a process of its own
+    plan, skipped = Plan(multirun=multirun), []
     varying = {o.split("=", 1)[0] for job in points for o in job if any(o not in other for other in points)}
-    for job, cfg in zip(points, cfgs):
-        swept = [o for o in job if o.split("=", 1)[0] in varying]  # what tells this job from the others
+    splits: dict = {}  # jobs with the same data config share its records
+    for overrides, cfg in zip(points, cfgs):
+        swept = [o for o in overrides if o.split("=", 1)[0] in varying]  # what tells this job from the others
+        key = job_key(cfg)
         try:
-            prep = Prepared(cfg, world_size)
+            prep = Prepared(cfg, world_size, splits=splits)
         except BudgetUnreachable as e:
             if "method" not in varying:  # one method's own budget list: a point it cannot meet is bad input
                 _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
@@ -198,33 +250,33 @@ def preflight(argv: list[str]) -> list:
             continue
         except UserError as e:
             _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
-        jobs.append((Job(swept, prep.path, finished(prep.path)), str(cfg.results.dir)))
-    if skipped and not jobs:
+        plan.jobs.append(Job(swept, prep.path, finished(prep.path)))
+        plan.results_dirs.append(str(cfg.results.dir))
+        if in_process:
+            plan.prepared[key] = prep
+    if skipped and not plan.jobs:
         _fail(f"no job of the sweep can meet its budget; first: {skipped[0]}")
     for line in skipped:  # a method x budget grid: a method that cannot meet a point skips it, loudly
         print(f"smt-bench: {line}", file=sys.stderr, flush=True)
-    SKIPPED[:] = [line.split(": skipped:", 1)[0].removeprefix("sweep job ") for line in skipped]
-    return jobs
+    plan.skipped = [line.split(": skipped:", 1)[0].removeprefix("sweep job ") for line in skipped]
+    return plan
 
 
-SKIPPED: list[str] = []  # the jobs the last preflight skipped (a budget their method cannot meet)
-
-
-def _agreed_preflight(argv: list[str]) -> list:
+def _agreed_preflight(argv: list[str]) -> Plan:
     """Under torchrun every rank runs the preflight; if one finds bad input, all exit with its status
     (none may go on to wait for the others in a collective)."""
     from .distributed import init
 
     world = init()
-    code, jobs = 0, []
+    code, plan = 0, Plan()
     try:
-        jobs = preflight(argv)
+        plan = preflight(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     code = int(world.reduce_floats([code], "max")[0])
     if code:
         sys.exit(code)
-    return jobs
+    return plan
 
 
 def main() -> None:
@@ -239,19 +291,19 @@ def main() -> None:
     if any(a in ("--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
         app()
         return
-    jobs = _agreed_preflight(argv)
-    sweep = len(jobs) + len(SKIPPED) > 1
+    plan = _agreed_preflight(argv)
+    sweep = plan.multirun or len(plan.jobs) + len(plan.skipped) > 1
     try:
-        app()
+        app(plan)
     finally:
         if sweep and World.current().is_main:
             from .summary import sweep_table
 
-            print(sweep_table([j for j, _ in jobs], [d for _, d in jobs]), flush=True)
-            if SKIPPED:
-                print(f"[smt-bench] skipped before training, budget unreachable for the method: {'; '.join(SKIPPED)}",
-                      flush=True)
-    if sweep and not all(finished(j.path) for j, _ in jobs):
+            print(sweep_table(plan.jobs, plan.results_dirs), flush=True)
+            if plan.skipped:
+                print(f"[smt-bench] skipped before training, budget unreachable for the method: "
+                      f"{'; '.join(plan.skipped)}", flush=True)
+    if sweep and not all(finished(j.path) for j in plan.jobs):
         sys.exit(EXIT_RUN_FAILED)  # the table says which; rerunning the sweep runs only those
 
 

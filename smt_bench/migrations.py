@@ -1,7 +1,7 @@
 """Every rule that keeps old run files and old run ids valid, in one place, each with the commit that made it
 necessary (`since`) and why.
 
-Two kinds of rule:
+Three kinds of rule:
 
 - **Run ids.** A run's id is the sha256 of its resolved config (`provenance.config_hash`), so a finished run
   is found again and skipped. A key added after runs existed is left out of the id at the value that
@@ -10,6 +10,8 @@ Two kinds of rule:
 - **Run files.** The analysis reads results written by older versions: a method key added after them reads
   as the only behaviour they had (`LEGACY_DEFAULTS`), and a key that was removed and changes nothing a run
   computes is left out when runs are grouped (`RETIRED_KEYS`).
+- **Result files.** A field an older version did not write is filled in as that version's run had it
+  (`FILE_RULES`, applied by `upgrade` before `RunResult.from_json` reads a file: smt_bench/result.py).
 
 A new rule goes here, with a test that an old file or id still reads the same (tests/test_migrations.py).
 Imports nothing heavy: the analysis CLI uses it.
@@ -123,5 +125,60 @@ RETIRED_KEYS = {
 def with_legacy_defaults(cfg: dict) -> dict:
     """A result's config with its method's LEGACY_DEFAULTS filled in where the file predates the key."""
     method = cfg.get("method") or {}
-    missing = {k: v for k, v in LEGACY_DEFAULTS.get(method.get("name"), {}).items() if k not in method}
+    missing = {k: v for k, v in LEGACY_DEFAULTS.get(str(method.get("name")), {}).items() if k not in method}
     return {**cfg, "method": {**method, **missing}} if missing else cfg
+
+
+# --- result files written by older versions ------------------------------------------------------
+@dataclass(frozen=True)
+class FileRule:
+    """A result-file field an older version did not write (or wrote otherwise): `apply` fills it in as that
+    version's run had it, in place, on the parsed file, before RunResult (smt_bench/result.py) reads it."""
+    field: str
+    since: str
+    why: str
+    apply: Callable[[dict], None]
+
+
+def _updated_at(obj: dict) -> None:
+    info = obj.get("run_info")
+    if isinstance(info, dict) and "updated_at" not in info and "created_at" in info:
+        info["updated_at"] = info["created_at"]
+
+
+def _one_process(obj: dict) -> None:
+    ti, cfg = obj.get("train_info"), obj.get("config")
+    if not isinstance(ti, dict) or not isinstance(cfg, dict) or "distributed" in ti:
+        return
+    tc: dict = cfg["train"] if isinstance(cfg.get("train"), dict) else {}
+    ti["distributed"] = {"world_size": 1, "strategy": "single"}
+    if "global_batch" not in ti and isinstance(tc.get("batch_size"), int):
+        ti["global_batch"] = tc["batch_size"] * int(tc.get("grad_accum") or 1)
+
+
+def _fixed_fraction(obj: dict) -> None:
+    ti, cfg = obj.get("train_info"), obj.get("config")
+    budget = cfg.get("budget") if isinstance(cfg, dict) else None
+    if (isinstance(ti, dict) and isinstance(budget, dict) and ti.get("trainable_pct_target") == 100
+            and (obj.get("run_info") or {}).get("status") == "finished" and budget.get("fraction") != 1.0):
+        budget["fraction"] = 1.0
+
+
+FILE_RULES = (
+    FileRule("run_info.updated_at", "10a5d81", "a run's file is rewritten while it trains; before, it was written "
+             "once, when the run ended: the last write is its creation", _updated_at),
+    FileRule("train_info.distributed, train_info.global_batch", "82b34cf", "runs before multi-rank support ran "
+             "in one process: world size 1, global batch = batch_size × grad_accum", _one_process),
+    FileRule("config.budget.fraction", "4daeaae", "a method that trains a fixed fraction (full FT) records it as "
+             "its budget; before, its file kept the sweep's value though it trained 100%", _fixed_fraction),
+)
+
+
+def upgrade(obj: dict) -> dict:
+    """A parsed result file in the form this version writes: a copy, with every FILE_RULES rule applied."""
+    import copy
+
+    out = copy.deepcopy(obj)
+    for rule in FILE_RULES:
+        rule.apply(out)
+    return out

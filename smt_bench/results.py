@@ -8,8 +8,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-SCHEMA_VERSION = 1
-
 
 def probe_writable(directory: Path, key: str = "results.dir", value=None) -> None:
     """Create and remove a temporary file in `directory` (a run's result, samples and exports go there),

@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from .methods.base import Context
 from .models import meta_shapes
 from .parallel import strategy_for
 from .preemption import Preempted
-from .results import SCHEMA_VERSION, checkpoint_dir, finished, probe_writable, run_file, write_json_atomic
+from .result import SCHEMA_VERSION, Evaluation, MetaInfo, RunInfo, RunResult, Summary, TrainInfo
+from .results import checkpoint_dir, finished, probe_writable, run_file, write_json_atomic
 from .schema.validate import validate
 from .summary import run_line
 from .trainer import Diverged, autocast_for, forward_loss, train
@@ -82,7 +84,7 @@ class Prepared:
     `world_size` is the number of ranks the run will have (default: this process's world); it is part
     of the run's identity: the same config on 1 and on 4 ranks trains with different global batches."""
 
-    def __init__(self, cfg: DictConfig, world_size: int | None = None):
+    def __init__(self, cfg: DictConfig, world_size: int | None = None, splits: dict | None = None):
         try:
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as e:
@@ -112,7 +114,10 @@ class Prepared:
         self.shapes = meta_shapes(self.source.hf_config())
         self.target = round(frac * self.shapes.total_params)
         self.plan = self.method.plan(self.shapes, self.target)
-        self.splits = self.data.load()
+        data_key = provenance.config_hash(self.container["data"])  # a sweep's jobs share equal data (`splits`)
+        self.splits = splits[data_key] if splits is not None and data_key in splits else self.data.load()
+        if splits is not None:
+            splits[data_key] = self.splits
         batch = cfg.train.batch_size
         if len(self.splits.train) < batch:  # (truncation to max_len may drop more, found once tokenised)
             raise UserError(f"data={cfg.data.name} has {len(self.splits.train)} training records, fewer than "
@@ -171,14 +176,15 @@ class RunFailed(Exception):
         self.agreed = agreed
 
 
-def execute(cfg: DictConfig) -> dict | None:
-    """Validates (UserError on bad input), then runs or resumes; returns the result dict (None if skipped).
+def execute(cfg: DictConfig, prep: Prepared | None = None) -> RunResult | None:
+    """Validates (UserError on bad input; `prep`: what the preflight already built for this config), then runs
+    or resumes; returns the result (None if skipped).
 
     Ends: finished; preempted (Preempted, after a checkpoint); diverged / oom / failed (RunFailed, recorded);
     cancelled (KeyboardInterrupt). A run killed outright leaves its file `running` and its last checkpoint.
     """
     init_world()  # torchrun's or SLURM's ranks (a no-op in one process); submitit jobs start here
-    prep = Prepared(cfg)
+    prep = prep if prep is not None else Prepared(cfg)
     world = prep.world
     if world.broadcast(cfg.results.skip_finished and finished(prep.path)):  # rank 0 decides for all
         if world.is_main:
@@ -189,51 +195,58 @@ def execute(cfg: DictConfig) -> dict | None:
         ckpts.remove()
     world.barrier()
     logger = _build(cfg.logger, "logger") if world.is_main else NullLogger()  # side effects: rank 0 only
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        "run_info": {"id": prep.run_id, "created_at": _now(), "command": _command(),
-                     "status": "running", "error": None, "checkpoint_step": ckpts.latest_step()},
-        "config": prep.container,
-        "meta_info": {**provenance.meta_info(prep.device), "hub_kernels": hub_kernels.record(cfg.model.hub_kernels)},
-    }
-    info = result["run_info"]
+    result = RunResult(
+        schema_version=SCHEMA_VERSION,
+        run_info=RunInfo(id=prep.run_id, created_at=_now(), command=_command(), status="running", error=None,
+                         checkpoint_step=ckpts.latest_step()),
+        config=prep.container,
+        meta_info=MetaInfo(**provenance.meta_info(prep.device), hub_kernels=hub_kernels.record(cfg.model.hub_kernels)))
+    info = result.run_info
     heartbeat = Heartbeat(prep.path, result, world)
     try:
-        result.update(Recipe(prep, logger, ckpts, heartbeat, result["meta_info"]).run())
-        info["status"] = "finished"
+        recipe = Recipe(prep, logger, ckpts, heartbeat, result.meta_info)
+        if recipe.run():
+            result.train_info, result.method_info = recipe.train_info, recipe.method_report
+            result.eval, result.summary = recipe.evaluation, recipe.summarize()
+        info.status = "finished"
     except UserError:  # bad input found only once the data is tokenised: one line, exit 2, no result file
         if heartbeat.started and world.is_main:
             prep.path.unlink(missing_ok=True)
-        info["status"] = "bad_input"
         raise
     except Preempted as e:
-        info.update(status="preempted", error=str(e), checkpoint_step=ckpts.latest_step())
+        _ended(info, "preempted", str(e), checkpoint_step=ckpts.latest_step())
         raise
     except KeyboardInterrupt:
-        info.update(status="cancelled", error="KeyboardInterrupt")
+        _ended(info, "cancelled", "KeyboardInterrupt")
         raise
     except Diverged as e:
-        info.update(status="diverged", error=str(e), diverged_at_step=e.step)
+        _ended(info, "diverged", str(e), diverged_at_step=e.step)
         raise RunFailed(str(e), agreed=True) from None
     except Exception as e:
         oom = isinstance(e, torch.OutOfMemoryError)
-        info.update(status="oom" if oom else "failed", error=f"{type(e).__name__}: {e}",
-                    traceback=traceback.format_exc())
+        _ended(info, "oom" if oom else "failed", f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         if oom:
-            info["batch_size"] = cfg.train.batch_size
+            info.batch_size = int(cfg.train.batch_size)
             _release_memory(prep.device)
-        raise RunFailed(info["error"]) from e
+        raise RunFailed(info.error or "") from e
     finally:
-        info["wall_time_s"] = heartbeat.elapsed()
-        info["updated_at"] = _now()
-        if info["status"] not in ("running", "bad_input") and world.is_main:
-            write_json_atomic(prep.path, result)
+        info.wall_time_s = heartbeat.elapsed()
+        info.updated_at = _now()
+        if info.status != "running" and world.is_main:  # still running: bad input (its file removed)
+            write_json_atomic(prep.path, result.to_json())
             print(run_line(result, prep.path), flush=True)
-        logger.finish(result.get("summary", {}))
+        logger.finish(result.summary.model_dump(exclude_unset=True) if result.summary else {})
     if world.is_main:
         ckpts.remove()  # the result (and export) hold what a finished run keeps
     world.barrier()  # the other ranks wait here while rank 0 evaluates and writes: the next job starts together
     return result
+
+
+def _ended(info: RunInfo, status: str, error: str, **detail) -> None:
+    """How a run that did not finish ended, in its run_info."""
+    info.status, info.error = status, error  # type: ignore[assignment]  # a Status; pydantic checks it
+    for key, value in detail.items():
+        setattr(info, key, value)
 
 
 class Heartbeat:
@@ -241,7 +254,7 @@ class Heartbeat:
     outright is listed by the analysis and rerun by the sweep. Called once when training starts and at every
     checkpoint; rank 0 writes."""
 
-    def __init__(self, path, result: dict, world: World):
+    def __init__(self, path: Path, result: RunResult, world: World):
         self.path, self.result, self.world = path, result, world
         self.started = False
         self.t0 = time.perf_counter()
@@ -251,12 +264,12 @@ class Heartbeat:
 
     def __call__(self, step: int | None = None) -> None:
         self.started = True
-        info = self.result["run_info"]
+        info = self.result.run_info
         if step is not None:
-            info["checkpoint_step"] = step
-        info.update(updated_at=_now(), wall_time_s=self.elapsed())
+            info.checkpoint_step = step
+        info.updated_at, info.wall_time_s = _now(), self.elapsed()
         if self.world.is_main:
-            write_json_atomic(self.path, self.result)
+            write_json_atomic(self.path, self.result.to_json())
 
 
 def _release_memory(device: torch.device) -> None:
@@ -274,21 +287,22 @@ class Recipe:
     what a run computes: the seeds, the forgetting baseline before tuning, the memory baseline after the
     load). Each phase leaves what the next needs on the recipe."""
 
-    def __init__(self, prep: Prepared, logger, ckpts: CheckpointDir, heartbeat: "Heartbeat", meta: dict):
+    def __init__(self, prep: Prepared, logger, ckpts: CheckpointDir, heartbeat: "Heartbeat", meta: MetaInfo):
         self.prep, self.cfg, self.tc, self.dev = prep, prep.cfg, prep.cfg.train, prep.device
         self.world, self.logger, self.ckpts, self.heartbeat, self.meta = prep.world, logger, ckpts, heartbeat, meta
         self.hub = bool(self.cfg.model.hub_kernels)
 
-    def run(self) -> dict:
+    def run(self) -> bool:
+        """True when this rank has the tuned model and its results (`train_info`, `method_report`, `evaluation`,
+        `summarize()`); False on a rank other than 0 under FSDP2 (rank 0 reports)."""
         self.setup_model()
         self.setup_data()
         self.prepare_method()
-        if not self.train():  # a rank other than 0 under FSDP2: rank 0 reports
-            return {}
+        if not self.train():
+            return False
         self.record_training()
         self.evaluate()
-        return {"train_info": self.train_info, "method_info": self.method_report, "eval": self.evaluation,
-                "summary": self.summarize()}
+        return True
 
     def setup_model(self) -> None:
         """Seeds, the base model on its device, and what is measured on it before any tuning."""
@@ -300,7 +314,7 @@ class Recipe:
         t0 = time.perf_counter()
         self.model, self.tok = self.prep.source.load(torch.float32, hub_kernels=self.hub)
         self.model.to(self.dev)
-        self.meta["hub_kernels"] = hub_kernels.record(self.hub, self.model)
+        self.meta.hub_kernels = hub_kernels.record(self.hub, self.model)
         self.load_s = time.perf_counter() - t0
         self.nll_before = None
         evaluates = self.prep.eval_plan is not None and self.world.is_main  # evaluation runs on rank 0 alone
@@ -363,7 +377,7 @@ class Recipe:
         self.heartbeat()
         if self.world.rank:  # the same init on every rank (above); from here each rank draws its own dropout masks
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.world.rank)
-        self.train_info = train(self.tuned, self.stream, self.val_batches, self.tc, self.dev, self.logger, self.mem,
+        self.loop = train(self.tuned, self.stream, self.val_batches, self.tc, self.dev, self.logger, self.mem,
                                 save=save, resume=self.saved, parallel=self.parallel)
         # the model rank 0 reports, exports and evaluates: whole (FSDP2 gathers it), plain (no DDP wrapper)
         self.tuned = self.parallel.gather(
@@ -374,7 +388,7 @@ class Recipe:
         """The budget, times and parallel layout beside the loop's figures; the method's report and export."""
         prep, tc, world = self.prep, self.tc, self.world
         N = prep.shapes.total_params
-        self.train_info.update({
+        self.train_info = TrainInfo.model_validate({**self.loop,
             "trainable_params_target": prep.target,
             "trainable_params": self.n_trainable,
             "trainable_pct_target": 100.0 * prep.target / N,
@@ -397,7 +411,7 @@ class Recipe:
         """The suite on the tuned model (merged unless eval.merge=false), forgetting against the base model,
         the samples beside the result file."""
         prep, cfg = self.prep, self.cfg
-        self.evaluation = None
+        self.evaluation: Evaluation | None = None
         if prep.eval_plan is None:
             return
         from .evaluation.forgetting import forgetting_entry, measure
@@ -423,19 +437,19 @@ class Recipe:
         if "forgetting" in evaluation:
             logged["eval/forgetting_nll_delta"] = evaluation["forgetting"]["delta"]
         self.logger.log(logged, self.tc.max_steps)
-        self.evaluation = evaluation
+        self.evaluation = Evaluation.model_validate(evaluation)
 
-    def summarize(self) -> dict:
+    def summarize(self) -> Summary:
         """The run's headline numbers (the result's `summary`)."""
         ti, ev = self.train_info, self.evaluation
-        return {
+        return Summary.model_validate({
             "method": self.prep.method.name, "budget_fraction": self.cfg.budget.fraction, "seed": self.cfg.seed,
-            "trainable_params": self.n_trainable, "trainable_pct": ti["trainable_pct"],
-            "final_train_loss": ti["final_train_loss"],
-            "final_val_loss": ti["val_loss_curve"][-1][1] if ti["val_loss_curve"] else None,
-            "mean_accuracy": ev["mean_accuracy"] if ev else None,
-            "eval_protocol": ev["protocol"] if ev else None,
-            "forgetting_nll_delta": (ev.get("forgetting") or {}).get("delta") if ev else None,
-            "tokens_per_s": ti["tokens_per_s"], "peak_memory_bytes": ti["peak_memory_bytes"],
+            "trainable_params": self.n_trainable, "trainable_pct": ti.trainable_pct,
+            "final_train_loss": ti.final_train_loss,
+            "final_val_loss": ti.val_loss_curve[-1][1] if ti.val_loss_curve else None,
+            "mean_accuracy": ev.mean_accuracy if ev else None,
+            "eval_protocol": ev.protocol if ev else None,
+            "forgetting_nll_delta": ev.forgetting.delta if ev and ev.forgetting else None,
+            "tokens_per_s": ti.tokens_per_s, "peak_memory_bytes": ti.peak_memory_bytes,
             **self.method_report.get("summary", {}),
-        }
+        })

@@ -6,36 +6,37 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .result import Evaluation, RunResult
+
 MiB = 2 ** 20
 
 
-def _accuracy(ev: dict | None) -> str:
-    if not ev:
+def _accuracy(ev: Evaluation | None) -> str:
+    if ev is None:
         return "no eval"
-    acc = ev.get("mean_accuracy")
-    n = sum(v for v in (ev.get("n") or {}).values() if isinstance(v, int))
-    protocol = str(ev.get("protocol") or "").split(":")[0]
-    shown = "n/a" if acc is None else f"{acc:.1f}%"
-    return f"accuracy {shown} ({ev.get('suite')}, {protocol}, {n} items)"
+    n = sum(v for v in (ev.n or {}).values() if isinstance(v, int))
+    protocol = ev.protocol.split(":")[0]
+    shown = "n/a" if ev.mean_accuracy is None else f"{ev.mean_accuracy:.1f}%"
+    return f"accuracy {shown} ({ev.suite}, {protocol}, {n} items)"
 
 
-def run_line(result: dict, path: Path | str) -> str:
+def run_line(result: RunResult, path: Path | str) -> str:
     """`[smt-bench] finished: smt | budget 1.00% (target 1.00%) | accuracy ... | peak ... | tok/s | wall | path`."""
-    info, cfg = result["run_info"], result.get("config") or {}
-    t = result.get("train_info") or {}
-    parts = [f"[smt-bench] {info['status']}: {cfg.get('method', {}).get('name', '?')}"]
-    if "trainable_pct" in t:
-        parts.append(f"budget {t['trainable_pct']:.2f}% (target {t['trainable_pct_target']:.2f}%)")
+    info, cfg, t = result.run_info, result.config, result.train_info
+    parts = [f"[smt-bench] {info.status}: {cfg.get('method', {}).get('name', '?')}"]
+    if t is not None:
+        parts.append(f"budget {t.trainable_pct:.2f}% (target {t.trainable_pct_target:.2f}%)")
     else:
         parts.append(f"budget target {100 * float(cfg.get('budget', {}).get('fraction', 0)):g}%")
-    if info["status"] == "finished":
-        parts.append(_accuracy(result.get("eval")))
-    if "peak_memory_bytes" in t:
-        parts.append(f"peak {t['peak_memory_bytes'] / MiB:,.0f} MiB ({t['peak_memory_kind']})")
-        parts.append(f"{t['tokens_per_s']:,.0f} tok/s")
-    parts.append(f"wall {info.get('wall_time_s', 0):.0f} s")
-    if info.get("error"):
-        parts.append(f"error {str(info['error']).splitlines()[0][:200]}")
+    if result.finished:
+        parts.append(_accuracy(result.eval))
+    if t is not None and t.peak_memory_bytes is not None:
+        parts.append(f"peak {t.peak_memory_bytes / MiB:,.0f} MiB ({t.peak_memory_kind})")
+    if t is not None and t.tokens_per_s is not None:
+        parts.append(f"{t.tokens_per_s:,.0f} tok/s")
+    parts.append(f"wall {info.wall_time_s or 0:.0f} s")
+    if info.error:
+        parts.append(f"error {info.error.splitlines()[0][:200]}")
     parts.append(str(path))
     return " | ".join(parts)
 
@@ -54,17 +55,17 @@ def _row(i: int, job: Job, first_of: dict) -> list[str]:
     if first_of[job.path] != i:
         return [str(i), label, f"same run as #{first_of[job.path]}", "", "", "", "", "", ""]
     try:
-        r = json.loads(job.path.read_text())
-    except (OSError, ValueError):
+        r = RunResult.from_json(json.loads(job.path.read_text()))
+    except (OSError, ValueError):  # not there, not JSON, or not a run result (SchemaError)
         return [str(i), label, "not run", "", "", "", "", "", ""]
-    status = "skipped" if job.finished_before else r["run_info"]["status"]
-    s, t = r.get("summary") or {}, r.get("train_info") or {}
-    acc = s.get("mean_accuracy")
-    cells = [f"{s['trainable_pct']:.2f}" if "trainable_pct" in s else "",
+    status = "skipped" if job.finished_before else r.run_info.status
+    t, ev = r.train_info, r.eval
+    acc = ev.mean_accuracy if ev is not None else None
+    cells = [f"{t.trainable_pct:.2f}" if t is not None else "",
              "" if acc is None else f"{acc:.1f}",
-             f"{t['peak_memory_bytes'] / MiB:,.0f}" if "peak_memory_bytes" in t else "",
-             f"{t['tokens_per_s']:,.0f}" if "tokens_per_s" in t else "",
-             f"{r['run_info'].get('wall_time_s', 0):.0f}"]
+             f"{t.peak_memory_bytes / MiB:,.0f}" if t is not None and t.peak_memory_bytes is not None else "",
+             f"{t.tokens_per_s:,.0f}" if t is not None and t.tokens_per_s is not None else "",
+             f"{r.run_info.wall_time_s or 0:.0f}"]
     return [str(i), label, status, *cells, job.path.name]
 
 

@@ -32,11 +32,11 @@ def test_a_new_method_is_one_module_and_one_yaml(tmp_path, monkeypatch, smollm2_
         GlobalHydra.instance().clear()
         store.register()
     result = execute(cfg)
-    assert result["run_info"]["status"] == "finished"
-    plan = result["train_info"]["plan"]
+    assert result.run_info.status == "finished"
+    plan = result.train_info.plan
     # 0.4% of tiny-llama is 12,879 params: v_proj (2,048) and q_proj (4,096) of both layers, last layer first
     assert plan["matrices"] == ["model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.q_proj",
                                 "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.q_proj"]
-    assert result["train_info"]["trainable_params"] == 12_288
+    assert result.train_info.trainable_params == 12_288
     report = analyze([results], tmp_path / "analysis")
     assert "top_layers" in Path(report).read_text()

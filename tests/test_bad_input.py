@@ -225,7 +225,7 @@ CASES = {
 
 def run_main(argv, monkeypatch, capsys) -> tuple[int, str]:
     """`python -m smt_bench argv` in this process; training (Hydra's app) must not be reached."""
-    def app():
+    def app(plan):
         raise AssertionError("the preflight let this input through to training")
 
     monkeypatch.setattr(sys, "argv", ["smt_bench", *map(str, argv)])
@@ -272,7 +272,7 @@ def test_good_input_passes_the_preflight(monkeypatch, capsys, tmp_path, smollm2_
     """The control: valid input reaches training, and the probe leaves no folder behind."""
     results = tmp_path / "results"
     monkeypatch.setattr(sys, "argv", ["smt_bench", *SMT, f"results.dir={results}"])
-    monkeypatch.setattr(app_main, "app", lambda: print("trained"))
+    monkeypatch.setattr(app_main, "app", lambda plan: print("trained"))
     app_main.main()
     out = capsys.readouterr()
     assert out.out.strip() == "trained" and out.err == "" and not results.exists()

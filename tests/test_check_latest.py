@@ -30,7 +30,7 @@ def test_each_smoke_run_passes_the_preflight(item, tmp_path, monkeypatch, capsys
     args = check_latest.smoke_items(tmp_path)[item if item == "eval" else f"run:{item}"]
     assert args[:2] == ["-m", "smt_bench"]
     monkeypatch.setattr(sys, "argv", ["smt_bench", *args[2:]])
-    monkeypatch.setattr(app_main, "app", lambda: print("trained"))
+    monkeypatch.setattr(app_main, "app", lambda plan: print("trained"))
     app_main.main()
     out = capsys.readouterr()
     assert out.out.strip() == "trained" and out.err == "", out.err

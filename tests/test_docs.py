@@ -210,7 +210,7 @@ def _preflight(argv: list[str]) -> tuple[int, str]:
             lines = [l for l in err.getvalue().splitlines() if l.strip()]
             last = lines[-1] if lines else "(nothing on stderr)"
             raise DocError(f"exit {e.code}: {last}", last.removeprefix("smt-bench: error: ")) from None
-    return len(jobs), err.getvalue()
+    return len(jobs.jobs), err.getvalue()
 
 
 HUB_USED: list[str] = []  # the hub models the command being checked named

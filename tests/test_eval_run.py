@@ -22,8 +22,8 @@ def test_result_file_eval_entry_with_samples_and_forgetting(compose, tmp_path, s
     cfg = compose(*RUN, f"results.dir={results}", "results.keep_samples=true", "eval.merge=false")
     r = execute(cfg)
     (path,) = results.rglob("*.json")
-    assert json.loads(path.read_text())["eval"] == r["eval"]
-    ev = r["eval"]
+    ev = r.to_json()["eval"]
+    assert json.loads(path.read_text())["eval"] == ev
     tasks = {"addition", "alphabetical", "arith_check", "largest", "sequence", "vowels"}
     assert ev["suite"] == "bundled" and ev["protocol"].startswith("generative-first-match (LLM-Adapters)")
     assert "max_new_tokens=4" in ev["protocol"] and set(ev["protocols"].values()) == {ev["protocol"]}
@@ -35,7 +35,7 @@ def test_result_file_eval_entry_with_samples_and_forgetting(compose, tmp_path, s
     f = ev["forgetting"]
     assert f["tokens"] == 64 and math.isfinite(f["nll_before"]) and math.isfinite(f["nll_after"])
     assert f["delta"] == f["nll_after"] - f["nll_before"] and f["delta"] != 0  # LoRA changed the model
-    assert r["summary"]["forgetting_nll_delta"] == f["delta"] and r["summary"]["eval_protocol"] == ev["protocol"]
+    assert r.summary.forgetting_nll_delta == f["delta"] and r.summary.eval_protocol == ev["protocol"]
     # per-sample log beside the result file, named like it
     samples = path.with_name(path.stem + ".samples.jsonl")
     assert ev["samples_file"] == samples.name and "samples" not in ev
@@ -123,7 +123,7 @@ def test_a_users_task_folder_in_a_run(compose, tmp_path, smollm2_path):
     cfg = compose(*RUN, f"results.dir={results}", f"eval.include_path={folder}", "eval.tasks=[my_parity,addition]")
     assert Prepared(base).run_id == Prepared(compose(*RUN, f"results.dir={results}", "eval.include_path=null")).run_id
     assert Prepared(cfg).run_id != Prepared(base).run_id
-    ev = execute(cfg)["eval"]
+    ev = execute(cfg).to_json()["eval"]
     assert list(ev["accuracy"]) == ["my_parity", "addition"] and ev["n"] == {"my_parity": 4, "addition": 2}
     assert ev["lm_eval"]["tasks"] == {"my_parity": "my_parity", "addition": "smt_bundled_addition"}
     assert ev["include_path"] == str(folder.resolve()) and ev["protocol"].startswith("generative-first-match")

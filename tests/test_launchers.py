@@ -120,12 +120,14 @@ def test_tasks_per_node_starts_each_run_as_that_many_ranks_through_srun(sbatch, 
     args = ["-m", *CLUSTER, "hydra.launcher.tasks_per_node=2", *TINY, "method=lora", f"results.dir={tmp_path / 'r'}",
             f"hydra.sweep.dir={sweep}"]
     monkeypatch.setattr(sys, "argv", ["smt_bench", *args])
-    main()  # one job, submitted (sbatch is intercepted)
+    with pytest.raises(SystemExit) as ended:  # one job, submitted (sbatch is intercepted): it did not finish here,
+        main()                                # and a multirun of one job says so like any sweep
+    assert ended.value.code == 1 and "sweep of 1 jobs: 1 not run" in capsys.readouterr().out
     (script,) = sbatch
     assert "#SBATCH --ntasks-per-node=2" in script.splitlines()
     assert planned_world_size(args) == 2 and planned_world_size(TINY) is None
-    ((two, _),) = preflight(args)
-    ((one, _),) = preflight([a for a in args if "tasks_per_node" not in a])
+    (two,) = preflight(args).jobs
+    (one,) = preflight([a for a in args if "tasks_per_node" not in a]).jobs
     assert two.path.name != one.path.name and two.path.name.startswith("lora-b0.01-s0-")
 
 

@@ -76,3 +76,27 @@ def test_old_files_read_with_the_behaviour_they_had():
                       "signal": "activation"}}
     assert migrations.with_legacy_defaults(new) == new
     assert all(d.since for d in migrations.LEGACY) and "model.smt_block_size" in migrations.RETIRED_KEYS
+
+
+def test_result_files_of_older_versions_read_as_their_runs_were():
+    """FILE_RULES: a file from before updated_at and multi-rank support, and a full-FT file that kept the
+    sweep's budget, read with the fields this version writes, each as that run had it."""
+    from smt_bench.analysis.flatten import flatten
+    from smt_bench.result import RunResult
+
+    new = next(r for p in COMMITTED if "distributed" in (r := json.loads(p.read_text()))["train_info"])
+    old = json.loads(json.dumps(new))
+    del old["run_info"]["updated_at"], old["train_info"]["distributed"], old["train_info"]["global_batch"]
+    up = migrations.upgrade(old)
+    assert up["run_info"]["updated_at"] == old["run_info"]["created_at"] and "updated_at" not in old["run_info"]
+    assert up["train_info"]["distributed"] == {"world_size": 1, "strategy": "single"}
+    assert up["train_info"]["global_batch"] == new["train_info"]["global_batch"] == 8
+    a, b = flatten(RunResult.from_json(old), "f"), flatten(RunResult.from_json(new), "f")
+    same = ("world_size", "parallel", "global_batch", "mean_accuracy", "trainable_pct")
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}
+    assert a["updated_at"] == new["run_info"]["created_at"] != b["updated_at"]
+
+    full = json.loads(next(p for p in COMMITTED if p.name.startswith("full_ft-")).read_text())
+    full["config"]["budget"]["fraction"] = 0.01
+    assert flatten(RunResult.from_json(full), "f")["budget_fraction"] == 1.0
+    assert [r.since for r in migrations.FILE_RULES] == ["10a5d81", "82b34cf", "4daeaae"]

@@ -39,8 +39,7 @@ def _adapters(tmp: Path) -> list[str]:
 
 def _jobs(argv, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["smt_bench", *argv])
-    jobs = app_main.preflight(argv)
-    return [j for j, _ in jobs], capsys.readouterr().err
+    return app_main.preflight(argv).jobs, capsys.readouterr().err
 
 
 # tiny-llama cannot meet the paper's budgets on one projection, so those presets run at a fraction it can
@@ -252,8 +251,8 @@ def test_epochs_set_the_steps_from_the_tokenised_set_and_null_keeps_the_run_ids(
     cfg = compose(*TINY, "method=smt", "budget.fraction=0.001", "method.warmup_steps=1", "data.n_train_per_task=10",
                   "train.epochs=0.2", "eval.enabled=false", f"results.dir={tmp_path}")
     r = execute(cfg)
-    assert r["run_info"]["status"] == "finished", r["run_info"]["error"]
-    assert r["train_info"]["steps"] == 2 and len(r["train_info"]["loss_curve"]) == 2  # ceil(0.2 × 60 / 8)
+    assert r.run_info.status == "finished", r.run_info.error
+    assert r.train_info.steps == 2 and len(r.train_info.loss_curve) == 2  # ceil(0.2 × 60 / 8)
     node = {"train": {"max_steps": 20, "epochs": None}, "seed": 0}
     assert provenance.config_hash(node) == provenance.config_hash({"train": {"max_steps": 20}, "seed": 0})
     assert provenance.config_hash({**node, "train": {"max_steps": 20, "epochs": 3}}) != provenance.config_hash(node)

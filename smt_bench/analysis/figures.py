@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any, Mapping, cast
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -242,7 +243,8 @@ def place_labels(ax, items, avoid=(), radius: float = 8.0, **text_kw) -> int:
     pts += [tuple(v) for line in ax.lines if line.get_transform() is ax.transData for v in line.get_xydata()]
     pts = np.array([p for p in pts if np.isfinite(p).all()], dtype=float).reshape(-1, 2)
     points = ax.transData.transform(pts)
-    placed, left_out = [], 0
+    placed: list = []
+    left_out = 0
     kw = {"fontsize": 7, "color": "#444444", **text_kw}
     for x, y, text in items:
         for dx, dy, ha, va in OFFSETS:
@@ -268,7 +270,8 @@ def _overlap(a, b, tol: float = 1.0) -> bool:
 def drawn_texts(fig) -> list[tuple[Text, object]]:
     """Every non-empty text the figure draws (titles, labels, tick labels, legend texts, annotations), with
     its window extent: recorded while drawing, so tick labels outside the view and hidden axes are left out."""
-    drawn, original = {}, Text.draw
+    drawn: dict = {}
+    original = Text.draw
 
     def draw(self, renderer):
         original(self, renderer)
@@ -298,6 +301,7 @@ def layout_problems(fig) -> list[str]:
         return repr(s if len(s) <= 40 else s[:39] + "…")
 
     for t, bb in texts:
+        bb = cast(Any, bb)
         if bb.x0 < -1 or bb.y0 < -1 or bb.x1 > W + 1 or bb.y1 > H + 1:
             out.append(f"text {name(t)} runs off the figure ({bb.x0:.0f},{bb.y0:.0f})-({bb.x1:.0f},{bb.y1:.0f}) "
                        f"of {W:.0f}x{H:.0f} px")
@@ -346,7 +350,7 @@ def _ordered_series(cells: pd.DataFrame, pal: Palette) -> list[tuple[str, str]]:
 def _styles(pal: Palette, drawn: list[tuple[str, str]]) -> dict[str, tuple[str, str]]:
     """series -> (marker, line style): the method's own where it is the method's only series drawn, else
     the series' (cells without a `main` column draw every series)."""
-    per = {}
+    per: dict = {}
     for m, _ in drawn:
         per[m] = per.get(m, 0) + 1
     return {s: (pal.method_marker(m), pal.method_line(m)) if per[m] == 1 else (pal.marker(s), pal.line(s))
@@ -378,7 +382,7 @@ def _errorbar(ax, x, y, err, color, marker, ls, label, hollow=False, **kw):
 
 
 # --- 1. accuracy vs trainable parameters ------------------------------------------------------
-def accuracy_vs_params(cells: pd.DataFrame, plateaus: dict[str, Plateau | None], pal: Palette, title: str):
+def accuracy_vs_params(cells: pd.DataFrame, plateaus: Mapping[str, Plateau | None], pal: Palette, title: str):
     fig, axes = figure(7.6, 4.4)
     ax = axes[0, 0]
     ev = cells[cells["n"] > 0]
@@ -404,7 +408,7 @@ def accuracy_vs_params(cells: pd.DataFrame, plateaus: dict[str, Plateau | None],
         if np.isfinite(ft["acc_ci"]):
             ax.axhspan(ft["acc_mean"] - ft["acc_ci"], ft["acc_mean"] + ft["acc_ci"], color=col, alpha=0.10, lw=0)
     if drawn or ft is not None:
-        if any(plateaus.get(s) is not None and plateaus[s].index is not None for _, s in drawn):
+        if any((p := plateaus.get(s)) is not None and p.index is not None for _, s in drawn):
             ax.plot([], [], marker="*", ms=11, mfc="none", mec="#333333", ls="none", label="plateau start")
         _logx(ax)
         handles, labels = ax.get_legend_handles_labels()  # the methods first, then full FT and the star
@@ -538,7 +542,7 @@ def throughput(cells: pd.DataFrame, pal: Palette, title: str):
     drawn = [(m, s) for m, s in _ordered_series(main, pal) if m != ref_method]
     styles = _styles(pal, drawn)
     fig, axes = figure(10.0, 4.0, 1, 2)
-    handles = {}
+    handles: dict = {}
     for ax, col, name, unit in ((axes[0, 0], "tokens_per_s", "training throughput", "tokens/s"),
                                 (axes[0, 1], "median_step_time_s", "median step time", "s")):
         ref = ft[col] if ft is not None and np.isfinite(ft[col]) and ft[col] > 0 else None

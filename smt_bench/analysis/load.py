@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from ..migrations import with_legacy_defaults
+from ..result import MetaInfo, RunInfo
 from .flatten import flatten, flatten_config, with_resolved
 from .schema import SchemaError, validate
 from .settings import assign_settings
@@ -32,15 +34,15 @@ class BadFile:
 class Loaded:
     runs: pd.DataFrame                        # one row per valid run file, sorted by file
     configs: dict[str, dict] = field(default_factory=dict)       # file -> resolved config
-    run_info: dict[str, dict] = field(default_factory=dict)      # file -> run_info (status, error, steps)
-    meta: dict[str, dict] = field(default_factory=dict)          # file -> meta_info
+    run_info: dict[str, RunInfo] = field(default_factory=dict)   # file -> run_info (status, error, steps)
+    meta: dict[str, MetaInfo] = field(default_factory=dict)      # file -> meta_info
     method_info: dict[str, dict] = field(default_factory=dict)   # file -> method_info (what a method reports)
     bad: list[BadFile] = field(default_factory=list)
     n_files: int = 0
 
 
 # --- finding files ----------------------------------------------------------------------------
-def find_run_files(inputs: list[str | Path]) -> list[tuple[str, Path]]:
+def find_run_files(inputs: Sequence[str | Path]) -> list[tuple[str, Path]]:
     """(display name, path) of every run file under the inputs, sorted by display name.
 
     The display name is the path relative to the input folder, prefixed with that folder's name,
@@ -84,7 +86,7 @@ def _in_export_folder(p: Path, base: Path) -> bool:
 
 
 # --- loading ----------------------------------------------------------------------------------
-def load(inputs: list[str | Path], warn=None) -> Loaded:
+def load(inputs: Sequence[str | Path], warn=None) -> Loaded:
     files = find_run_files(inputs)
     if not files:
         raise AnalysisError(f"no run files under {', '.join(map(str, inputs))} "
@@ -101,13 +103,13 @@ def load(inputs: list[str | Path], warn=None) -> Loaded:
             reason = f"cannot be read ({e.strerror or e})"
         else:
             try:
-                validate(obj)
-                rows.append(flatten(obj, display))
+                result = validate(obj)
+                rows.append(flatten(result, display))
                 # what the run computed with: older keys at the value they had, resolved keys at what ran
-                out.configs[display] = with_resolved(with_legacy_defaults(obj["config"]), obj.get("method_info"))
-                out.run_info[display] = obj["run_info"]
-                out.meta[display] = obj.get("meta_info") or {}
-                out.method_info[display] = obj.get("method_info") or {}
+                out.configs[display] = with_resolved(with_legacy_defaults(result.config), result.method_info)
+                out.run_info[display] = result.run_info
+                out.meta[display] = result.meta_info
+                out.method_info[display] = result.method_info or {}
                 continue
             except SchemaError as e:
                 reason = str(e)

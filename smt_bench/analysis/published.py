@@ -19,7 +19,7 @@ TASK_ALIASES = {"siqa": "socialiqa", "obqa": "openbookqa", "arce": "arceasy", "a
 def load_published(path: str | None) -> pd.DataFrame:
     try:
         if path is None:
-            text = resources.files("smt_bench.analysis").joinpath("assets", PUBLISHED_CSV).read_text("utf-8")
+            text = resources.files("smt_bench.analysis").joinpath("assets").joinpath(PUBLISHED_CSV).read_text("utf-8")
         else:
             text = Path(path).read_text("utf-8")
     except OSError as e:

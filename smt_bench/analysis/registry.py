@@ -87,7 +87,7 @@ def discover() -> dict[str, Contribution]:
             if not info.ispkg:
                 continue
             spec = info.module_finder.find_spec(f"{METHODS_PACKAGE}.{info.name}", None)
-            inner = {m.name for m in pkgutil.iter_modules(spec.submodule_search_locations or [])}
+            inner = {m.name for m in pkgutil.iter_modules((spec and spec.submodule_search_locations) or [])}
             if CONTRIBUTION_MODULE in inner:
                 mod = importlib.import_module(f"{METHODS_PACKAGE}.{info.name}.{CONTRIBUTION_MODULE}")
                 c = getattr(mod, "CONTRIBUTION")

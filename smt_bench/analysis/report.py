@@ -93,7 +93,7 @@ def _palette(loaded: Loaded, kept: pd.DataFrame, cells: pd.DataFrame) -> F.Palet
 def _settings(loaded: Loaded, kept: pd.DataFrame, cells: pd.DataFrame, pal: F.Palette,
               opts: Options) -> list[registry.Setting]:
     """Per setting (by label): its cells with the Pareto flags, its runs and each series' plateau."""
-    out = []
+    out: list = []
     if not len(cells):
         return out
     for skey in sorted(set(cells["setting_key"]), key=lambda k: (cells[cells["setting_key"] == k]["setting"].iloc[0], k)):

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from ..result import RunInfo
 from .load import Loaded
 from .markdown import acc, anchor, pct, plural, table
 from .registry import Figure, Setting
@@ -122,7 +123,7 @@ def details(s: Setting, contributed: list[str]) -> list[str]:
     order = sorted(range(len(c)), key=lambda i: (pal.key(c.iloc[i]["method"]), not c.iloc[i]["main"],
                                                  c.iloc[i]["series"], c.iloc[i]["budget_fraction"]))
     seeds_by_series = {x: set(v for t in c[c["series"] == x]["seeds"] for v in t) for x in set(c["series"])}
-    first = {}
+    first: dict = {}
     for i in order:
         first.setdefault(c.iloc[i]["series"], i)
     for i in order:
@@ -245,15 +246,16 @@ def failures_section(loaded: Loaded, duplicates) -> list[str]:
     return out
 
 
-def unfinished_detail(status: str, run_info: dict, config: dict, error: str) -> str:
+def unfinished_detail(status: str, run_info: RunInfo, config: dict, error: str) -> str:
     """What a run that did not finish got to, then its error (first line), at most 120 characters."""
     if status == "diverged":
-        fact = f"diverged at step {run_info['diverged_at_step']}"
+        fact = f"diverged at step {run_info.diverged_at_step}"
     elif status in ("running", "preempted"):
-        step = run_info.get("checkpoint_step")
+        step = run_info.checkpoint_step
         fact = "no checkpoint" if step is None else f"last checkpoint at step {step}"
     elif status == "oom":
-        bs = run_info.get("batch_size", (config.get("train") or {}).get("batch_size"))  # newer runs record it
+        bs = run_info.batch_size  # newer runs record it
+        bs = (config.get("train") or {}).get("batch_size") if bs is None else bs
         fact = f"batch size {bs}" if bs is not None else ""
     else:
         fact = ""
@@ -264,20 +266,20 @@ def unfinished_detail(status: str, run_info: dict, config: dict, error: str) -> 
 def provenance_section(loaded: Loaded) -> list[str]:
     runs = loaded.runs
     out = ["## Provenance", "", "Of the valid run files (all statuses).", ""]
-    shas = {}
+    shas: dict[str, tuple[int, int]] = {}
     for sha, dirty in zip(runs["git_sha"], runs["git_dirty"]):
         n, d = shas.get(sha or "unknown", (0, 0))
         shas[sha or "unknown"] = (n + 1, d + int(bool(dirty)))
     out += table(["git sha", "runs", "of them with uncommitted changes"],
                   [[f"`{s}`", str(n), str(d)] for s, (n, d) in sorted(shas.items())])
-    devs = {}
+    devs: dict[tuple[str, str], int] = {}
     for t, name in zip(runs["device_type"], runs["device_name"]):
         key = (t or "unknown", name or "unknown")
         devs[key] = devs.get(key, 0) + 1
     out += table(["device", "name", "runs"], [[t, n, str(c)] for (t, n), c in sorted(devs.items())])
     versions: dict[str, dict[str, int]] = {}
     for f in runs["file"]:
-        for pkg, v in ((loaded.meta.get(f) or {}).get("versions") or {}).items():
+        for pkg, v in (loaded.meta[f].versions if f in loaded.meta else {}).items():
             versions.setdefault(str(pkg), {})
             versions[pkg][str(v)] = versions[pkg].get(str(v), 0) + 1
     if versions:

@@ -84,7 +84,7 @@ def assign_series(df, flat: dict[str, dict[str, str]]) -> None:
         pool = fin if len(fin) else g
         rank = {k: ((x["tag"] != "").all(), -x["budget_fraction"].nunique(), -len(x), _newest_first(x["updated_at"]), k)
                 for k, x in pool.groupby("series_key", sort=True)}
-        head = min(rank, key=rank.get)
+        head = min(rank, key=lambda k: rank[k])
         ref = method_cfg[g[g["series_key"] == head]["file"].iloc[0]]
         labels = {}
         for key, x in g.groupby("series_key", sort=True):

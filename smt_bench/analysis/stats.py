@@ -173,7 +173,7 @@ def detect_plateau(cell_rows: pd.DataFrame, eps: float, n_boot: int, rng: np.ran
         lo, hi = (int(q) for q in np.quantile(boot, [0.025, 0.975], method="inverted_cdf"))
         p_none = float((boot == none).mean())
     else:
-        lo = hi = None
+        lo = hi = None  # type: ignore[assignment]  # no bootstrap: no interval
         p_none = math.nan
     return Plateau(budgets, means, tuple(gains_per_doubling(budgets, means)), idx, lo, hi, p_none, n_boot)
 
