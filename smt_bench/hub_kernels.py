@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from importlib import metadata
+from typing import Any
 
 from torch import nn
 
@@ -101,14 +102,14 @@ def check(model: nn.Module, method: str) -> None:
                                 f"{OFF_FIX}")
 
 
-def record(enabled: bool, model: nn.Module | None = None) -> dict:
+def record(enabled: bool, model: nn.Module | None = None) -> dict[str, Any]:
     """What goes into a result's provenance: the decision, the `kernels` package, and (when on) the hub
     layers this model exposes to it."""
     try:
         version = metadata.version("kernels")
     except metadata.PackageNotFoundError:
         version = None
-    out = {"enabled": bool(enabled), "kernels_version": version}
+    out: dict[str, Any] = {"enabled": bool(enabled), "kernels_version": version}
     if enabled and model is not None:
         out["layers"] = dict(sorted(Counter(replaceable(model).values()).items()))
     return out

@@ -6,23 +6,36 @@ tags is read from that config and callers pass nothing else.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 WANDB_GROUP_MAX = 128  # wandb's limit on a group name
 
 
+class Logger(Protocol):
+    """What the run and the trainer call on a logger (conf/logger/*.yaml builds one; any class with these
+    three methods is one): `start` once, `log` a step's metrics any number of times, `finish` once."""
+
+    def start(self, run_id: str, config: dict[str, Any]) -> None: ...
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def finish(self, summary: Mapping[str, Any]) -> None: ...
+
+
 class NullLogger:
-    def start(self, run_id: str, config: dict) -> None:
+    def start(self, run_id: str, config: dict[str, Any]) -> None:
         pass
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: Mapping[str, Any]) -> None:
         pass
 
 
-def _at(config: dict, dotted: str):
+def _at(config: dict[str, Any], dotted: str) -> Any:
     """config["a"]["b"] for "a.b", or None where a key is missing (a partial config, e.g. from a script)."""
     for key in dotted.split("."):
         if not isinstance(config, dict) or key not in config:
@@ -31,7 +44,7 @@ def _at(config: dict, dotted: str):
     return config
 
 
-def run_name(run_id: str, config: dict) -> str:
+def run_name(run_id: str, config: dict[str, Any]) -> str:
     """method[-tag]-budget-model-seed, e.g. smt-b0.01-smollm2-135m-s0 (the result file's name, plus the model)."""
     method, tag, frac, model, seed = (_at(config, k) for k in ("method.name", "results.tag", "budget.fraction",
                                                                 "model.name", "seed"))
@@ -40,7 +53,7 @@ def run_name(run_id: str, config: dict) -> str:
     return "-".join(str(p) for p in parts if p is not None) or run_id
 
 
-def sweep_group(config: dict) -> str | None:
+def sweep_group(config: dict[str, Any]) -> str | None:
     """<results.dir>/<results.group>: where the sweep's result files go, so the same sweep rerun or requeued
     lands in the same group; the tail is kept where it is longer than wandb allows."""
     where, group = _at(config, "results.dir"), _at(config, "results.group")
@@ -50,10 +63,10 @@ def sweep_group(config: dict) -> str | None:
     return name[-WANDB_GROUP_MAX:]
 
 
-def run_tags(config: dict) -> list[str]:
+def run_tags(config: dict[str, Any]) -> list[str]:
     """key:value tags to filter runs by in the wandb UI (the full config is there too)."""
     keys = {"method": "method.name", "model": "model.name", "data": "data.name", "budget": "budget.fraction"}
-    tags = []
+    tags: list[str] = []
     for tag, key in keys.items():
         value = _at(config, key)
         if value is not None:
@@ -86,9 +99,9 @@ class WandbLogger(NullLogger):
     def __init__(self, project: str = "smt-bench", entity: str | None = None, group: str | None = None,
                  tags: list[str] | None = None, mode: str | None = None):
         self.project, self.entity, self.group, self.tags, self.mode = project, entity, group, list(tags or []), mode
-        self.run = None
+        self.run: Any = None  # the wandb Run while started
 
-    def start(self, run_id: str, config: dict) -> None:
+    def start(self, run_id: str, config: dict[str, Any]) -> None:
         import wandb
 
         mode = self.mode or os.environ.get("WANDB_MODE") or "offline"
@@ -98,12 +111,16 @@ class WandbLogger(NullLogger):
                               name=run_name(run_id, config), group=self.group or sweep_group(config), tags=tags,
                               config=config, mode=mode, reinit="finish_previous", dir=wandb_dir())
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
-    def finish(self, summary: dict) -> None:
+    def finish(self, summary: Mapping[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.run.finish()
             self.run = None
+
+
+if TYPE_CHECKING:  # mypy checks that each logger class is a Logger
+    _loggers: tuple[Logger, ...] = (NullLogger(), WandbLogger())

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ctypes
 import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +41,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda_allocator_peak" if device.type == "cuda" else "cpu_peak_rss_growth"
-        self.base = None
+        self.base: int | None = None
 
     def _current(self) -> int:
         if self.device.type == "cuda":
@@ -66,6 +68,7 @@ class PeakMemory:
             self.kind = "cpu_peak_rss_growth(unreset)"
 
     def stop(self) -> int:
+        assert self.base is not None, "PeakMemory.stop() before start()"
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
@@ -79,7 +82,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
@@ -88,11 +91,11 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 @contextmanager
-def saved_activation_bytes(out: dict):
+def saved_activation_bytes(out: dict[str, Any]) -> Iterator[None]:
     """Counts bytes autograd saves for backward (each storage once) while the context is open."""
-    seen = {}
+    seen: dict[int, int] = {}
 
-    def pack(t):
+    def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             key = t.untyped_storage().data_ptr()
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
@@ -107,7 +110,8 @@ def saved_activation_bytes(out: dict):
     out["_storages"] = set(seen)
 
 
-def breakdown(model: nn.Module, trainable, opt, activations: dict) -> dict:
+def breakdown(model: nn.Module, trainable: Iterable[torch.Tensor], opt: torch.optim.Optimizer,
+              activations: dict[str, Any]) -> dict[str, Any]:
     params = list({id(p): _local(p) for p in model.parameters()}.values())
     weight_ptrs = {p.untyped_storage().data_ptr() for p in params}
     act = activations.get("bytes", 0)

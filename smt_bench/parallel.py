@@ -14,13 +14,16 @@ checkpoint or export reads the same whatever the world size was.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager, nullcontext
-from typing import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from .distributed import World
+
+if TYPE_CHECKING:
+    from .methods.base import Method, Tuned
 
 STRATEGIES = ("ddp", "fsdp2", "allreduce")
 
@@ -29,29 +32,29 @@ class Single:
     name = "single"
     optimizer_on_every_rank = True  # every rank loads the checkpoint's optimizer state itself
 
-    def __init__(self, world: World, device: torch.device):
+    def __init__(self, world: World, device: torch.device) -> None:
         self.world, self.device = world, device
 
-    def wrap(self, tuned) -> nn.Module:
+    def wrap(self, tuned: Tuned) -> nn.Module:
         """The module forward and backward run through (it shares its parameters with tuned.model)."""
         return tuned.model
 
-    def accumulating(self, module: nn.Module, last: bool):
+    def accumulating(self, module: nn.Module, last: bool) -> AbstractContextManager[Any]:
         """Around a micro-batch's forward and backward: gradients sync on the last one only."""
         return nullcontext()
 
     def after_forward_only(self, module: nn.Module) -> None:
         """After a forward with no backward (validation)."""
 
-    def checkpoint_state(self, tuned, opt) -> tuple[dict, dict, dict]:
+    def checkpoint_state(self, tuned: Tuned, opt: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
         """(tuned tensors, tuned meta, optimizer state), whole; collective where the model is sharded."""
         tensors, meta = tuned.state_dict()
         return tensors, meta, opt.state_dict()
 
-    def load_optimizer(self, tuned, opt, state: dict) -> None:
+    def load_optimizer(self, tuned: Tuned, opt: torch.optim.Optimizer, state: dict) -> None:
         opt.load_state_dict(state)
 
-    def gather(self, tuned, reload: Callable[[], nn.Module]):
+    def gather(self, tuned: Tuned, reload: Callable[[], nn.Module]) -> Tuned | None:
         """The Tuned that rank 0 reports, exports and evaluates (None on the other ranks)."""
         return tuned if self.world.is_main else None
 
@@ -59,7 +62,7 @@ class Single:
 class DDP(Single):
     name = "ddp"
 
-    def wrap(self, tuned) -> nn.Module:
+    def wrap(self, tuned: Tuned) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -68,7 +71,7 @@ class DDP(Single):
         buffers = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
         return DistributedDataParallel(tuned.model, device_ids=ids, **buffers)
 
-    def accumulating(self, module: nn.Module, last: bool):
+    def accumulating(self, module: nn.Module, last: bool) -> AbstractContextManager[Any]:
         return nullcontext() if last else module.no_sync()
 
 
@@ -79,12 +82,12 @@ class AllReduce(Single):
 
     name = "allreduce"
 
-    def wrap(self, tuned) -> nn.Module:
+    def wrap(self, tuned: Tuned) -> nn.Module:
         self.tuned = tuned
         return tuned.model
 
     @contextmanager
-    def accumulating(self, module: nn.Module, last: bool):
+    def accumulating(self, module: nn.Module, last: bool) -> Iterator[None]:
         yield
         if last:
             grads = [p.grad for p in self.tuned.trainable_parameters() if p.grad is not None]
@@ -110,7 +113,7 @@ class FSDP2(Single):
     name = "fsdp2"
     optimizer_on_every_rank = False  # rank 0 reads it and broadcasts: the others get only their shards
 
-    def wrap(self, tuned) -> nn.Module:
+    def wrap(self, tuned: Tuned) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -130,7 +133,7 @@ class FSDP2(Single):
         validation none follows, and the model would list gathered tensors, not the optimizer's shards."""
         module.reshard()
 
-    def checkpoint_state(self, tuned, opt) -> tuple[dict, dict, dict]:
+    def checkpoint_state(self, tuned: Tuned, opt: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         tensors, meta = tuned.state_dict()
@@ -140,13 +143,13 @@ class FSDP2(Single):
         optim = get_optimizer_state_dict(tuned.model, opt, options=options)
         return ({k: v for k, v in whole.items() if v is not None} if main else {}), meta, optim
 
-    def load_optimizer(self, tuned, opt, state: dict) -> None:
+    def load_optimizer(self, tuned: Tuned, opt: torch.optim.Optimizer, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(tuned.model, opt, state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
-    def gather(self, tuned, reload: Callable[[], nn.Module]):
+    def gather(self, tuned: Tuned, reload: Callable[[], nn.Module]) -> Tuned | None:
         """Rank 0 reloads the base model and takes the trained weights into it: a plain (unsharded) model
         for the report, the export and evaluation."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -167,7 +170,7 @@ def _tied(model: nn.Module, name: str) -> bool:
         name not in dict(model.named_parameters())
 
 
-def strategy_for(method, world: World, device: torch.device) -> Single:
+def strategy_for(method: Method, world: World, device: torch.device) -> Single:
     if not world.distributed:
         return Single(world, device)
     return {"ddp": DDP, "fsdp2": FSDP2, "allreduce": AllReduce}[method.parallel](world, device)

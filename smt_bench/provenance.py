@@ -11,8 +11,12 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .migrations import ADDED_KEYS, without_added_defaults  # noqa: F401  (ADDED_KEYS: the analysis' settings)
+
+if TYPE_CHECKING:
+    import torch
 
 
 PACKAGES = ("torch", "transformers", "peft", "hydra-core", "lm-eval", "triton", "safetensors", "accelerate",
@@ -52,8 +56,8 @@ def git_info() -> dict:
     return {"sha": sha or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if sha else None}
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
     for p in PACKAGES:
         try:
             out[p] = metadata.version(p)
@@ -76,7 +80,7 @@ def lock_pins(text: str) -> dict[str, str]:
     return pins
 
 
-def lock_info(path: Path | None = None) -> dict | None:
+def lock_info(path: Path | None = None) -> dict[str, Any] | None:
     """The lock's hash, and every package whose installed version is not the locked one (None: not
     installed). Empty deviations: this process runs exactly the locked environment. None without a lock
     (an installed wheel)."""
@@ -95,10 +99,10 @@ def lock_info(path: Path | None = None) -> dict | None:
             "deviations": dict(sorted(deviations.items()))}
 
 
-def device_info(device: "torch.device") -> dict:
+def device_info(device: torch.device) -> dict[str, Any]:
     import torch  # here: the analysis reads this module's constants without loading torch
 
-    info = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    info: dict[str, Any] = {"type": device.type, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "platform": platform.platform()}
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
@@ -111,6 +115,6 @@ def device_info(device: "torch.device") -> dict:
     return info
 
 
-def meta_info(device: "torch.device") -> dict:
+def meta_info(device: torch.device) -> dict[str, Any]:
     return {"git": git_info(), "versions": versions(), "lock": lock_info(), "device": device_info(device),
             "argv": sys.argv, "hostname": platform.node()}

@@ -27,7 +27,7 @@ from .data.bundled import BundledSuite
 from .distributed import World, cuda_index
 from .distributed import init as init_world
 from .errors import UserError
-from .loggers import NullLogger
+from .loggers import Logger, NullLogger
 from .memory import PeakMemory
 from .methods.base import Context
 from .models import meta_shapes
@@ -287,7 +287,7 @@ class Recipe:
     what a run computes: the seeds, the forgetting baseline before tuning, the memory baseline after the
     load). Each phase leaves what the next needs on the recipe."""
 
-    def __init__(self, prep: Prepared, logger, ckpts: CheckpointDir, heartbeat: "Heartbeat", meta: MetaInfo):
+    def __init__(self, prep: Prepared, logger: Logger, ckpts: CheckpointDir, heartbeat: "Heartbeat", meta: MetaInfo):
         self.prep, self.cfg, self.tc, self.dev = prep, prep.cfg, prep.cfg.train, prep.device
         self.world, self.logger, self.ckpts, self.heartbeat, self.meta = prep.world, logger, ckpts, heartbeat, meta
         self.hub = bool(self.cfg.model.hub_kernels)

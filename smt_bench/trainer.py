@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import nullcontext
-from typing import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -17,19 +17,25 @@ from .memory import PeakMemory, breakdown, saved_activation_bytes
 from .parallel import Single
 from .preemption import PreemptionWatch
 
+if TYPE_CHECKING:
+    from .data.batches import BatchStream
+    from .loggers import Logger
+    from .methods.base import Tuned
+    from .schema.groups import Train
 
-def forward_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
 
 
-def autocast_for(device: torch.device):
+def autocast_for(device: torch.device) -> AbstractContextManager[Any]:
     """bf16 autocast on CUDA; fp32 on CPU (bf16 matmuls on CPU are slow and change numerics)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
-def _sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -49,7 +55,7 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model, batches, device) -> float | None:
+def validation_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> float | None:
     if not batches:
         return None
     was = model.training
@@ -73,17 +79,19 @@ class Diverged(Exception):
         self.step, self.loss = step, loss
 
 
-def _scalar(t) -> float:
+def _scalar(t: torch.Tensor) -> float:
     from torch.distributed.tensor import DTensor
 
     return float(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
-def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, mem: PeakMemory | None = None,
+def train(tuned: Tuned, stream: BatchStream, val_batches: list[dict[str, torch.Tensor]], cfg: Train,
+          device: torch.device, logger: Logger, mem: PeakMemory | None = None,
           save: Callable[[Checkpoint], None] | None = None, resume: Checkpoint | None = None,
-          parallel: Single | None = None) -> dict:
+          parallel: Single | None = None) -> dict[str, Any]:
     """Runs optimizer steps up to cfg.max_steps; returns losses, timings and memory for the result file.
 
+    `cfg` is the config's train node (a DictConfig of the schema `Train`, smt_bench/schema/groups.py).
     `mem` carries the memory baseline (taken after the model loaded); without one, it is taken here.
     `save` receives a Checkpoint every cfg.checkpoint_every steps and when a preemption signal arrives
     (on rank 0; every rank takes part in gathering it); `resume` (a loaded Checkpoint; the Tuned already
@@ -103,8 +111,8 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
     opt = tuned.build_optimizer(betas=tuple(cfg.betas), eps=cfg.eps)
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=math.ceil(cfg.warmup_ratio * cfg.max_steps),
                           num_training_steps=cfg.max_steps)
-    progress = {"losses": [], "val_curve": [], "step_times": [], "tokens": 0, "train_s": 0.0, "peak_memory_bytes": 0,
-                "checkpoint_s": 0.0, "checkpoints": 0}
+    progress: dict[str, Any] = {"losses": [], "val_curve": [], "step_times": [], "tokens": 0, "train_s": 0.0,
+                                "peak_memory_bytes": 0, "checkpoint_s": 0.0, "checkpoints": 0}
     start = 1
     if resume is not None:
         parallel.load_optimizer(tuned, opt, resume.optimizer)
@@ -116,7 +124,7 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
     model.train()
 
     losses, val_curve, step_times = progress["losses"], progress["val_curve"], progress["step_times"]
-    activations: dict = {}
+    activations: dict[str, Any] = {}
     mem = mem or PeakMemory(device)
     mem.start()
     t_train, checkpoint_s0 = time.perf_counter(), progress["checkpoint_s"]
@@ -130,6 +138,7 @@ def train(tuned, stream, val_batches: list, cfg, device: torch.device, logger, m
         tensors, meta, optim = parallel.checkpoint_state(tuned, opt)
         rngs = world.gather(rng_state(device))  # every rank's: each draws its own dropout masks
         if world.is_main:
+            assert rngs is not None  # gather's list, on rank 0
             save(Checkpoint(step=step, tuned=tensors, tuned_meta=meta, optimizer=optim,
                             scheduler=sched.state_dict(), stream=stream.state_dict(), rng=rngs[0],
                             rank_rng=rngs[1:], progress={**progress, "train_s": progress["train_s"] + elapsed()}))

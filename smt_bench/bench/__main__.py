@@ -98,6 +98,7 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
         for frac in budgets:
             achieved = full.total_params if name == "full_ft" else 0
             if method_cfg is not None and name != "full_ft":
+                assert frac is not None  # the floor (no method_cfg) and full_ft have no budgets
                 method = _build(OmegaConf.create(method_cfg), "method")  # bad values: UserError, one line
                 plan = method.plan(full, round(frac * full.total_params))
                 achieved = plan.achieved_params

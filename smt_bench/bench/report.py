@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 from ..results import write_json_atomic
 from .worker import FLOOR
@@ -48,7 +49,7 @@ def summarize(runs: list[dict], facts: dict, methods: list[str], budgets: list[f
             analytic = {"weights": 4 * (n_full + adapters), "gradients": 4 * trainable, "optimizer": 8 * trainable}
             s = {"method": m, "budget": frac, "trainable_params_full": trainable, "plan": plan,
                  "analytic_state_bytes_full": analytic, "analytic_total_bytes_full": sum(analytic.values())}
-            per = {}
+            per: dict[int, Any] = {}  # depth -> its medians, {"error": ...} or None (not run)
             for L in layers:
                 rows = [r for r in runs if r["method"] == m and r["budget"] == frac and r["layers"] == L
                         and not r.get("failed")]

@@ -1,6 +1,9 @@
 """Tokenised training examples and seeded batches (loss on the response only unless train_on_inputs)."""
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import torch
 
 from ..errors import UserError
@@ -9,7 +12,8 @@ from .records import prompt_of
 IGNORE = -100
 
 
-def encode(records, tokenizer, max_len: int, train_on_inputs: bool) -> list[dict]:
+def encode(records: Iterable[dict[str, Any]], tokenizer: Any, max_len: int,
+           train_on_inputs: bool) -> list[dict[str, list[int]]]:
     """Prompt + response + EOS, truncated to max_len; labels mask the prompt unless train_on_inputs.
 
     A record whose response is cut off entirely is left out: it has no label to learn from, and a
@@ -27,7 +31,7 @@ def encode(records, tokenizer, max_len: int, train_on_inputs: bool) -> list[dict
     return out
 
 
-def collate(examples, pad_id: int) -> dict:
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch for training (causal LM, attention mask marks real tokens)."""
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
@@ -51,7 +55,8 @@ class BatchStream:
     `grad_accum × world_size` micro-batches would draw for that step.
     """
 
-    def __init__(self, examples, batch_size: int, pad_id: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, examples: Sequence[dict[str, list[int]]], batch_size: int, pad_id: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         if len(examples) < batch_size:  # would loop forever without yielding
             raise UserError(f"only {len(examples)} training examples (after truncation to train.max_len) for "
                             f"train.batch_size={batch_size}; use more data, a larger max_len or a smaller batch")
@@ -73,21 +78,22 @@ class BatchStream:
         self.pos += self.batch_size
         return idx
 
-    def __iter__(self):
+    def __iter__(self) -> BatchStream:
         return self
 
-    def __next__(self) -> dict:
-        mine = None
+    def __next__(self) -> dict[str, torch.Tensor]:
+        mine: list[int] | None = None
         for r in range(self.world_size):
             idx = self._draw()
             if r == self.rank:
                 mine = idx
+        assert mine is not None  # rank < world_size
         return collate([self.examples[j] for j in mine], self.pad_id)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"generator": self._epoch_start.clone(), "epoch": self.epoch, "pos": self.pos}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.epoch = state["epoch"] - 1
         self._new_epoch()

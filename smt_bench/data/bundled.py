@@ -7,6 +7,7 @@ that a 135M model does near chance before tuning but can learn from a few hundre
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from .records import Splits
 
@@ -92,10 +93,11 @@ class BundledSuite:
         self.seed = seed
 
     def load(self) -> Splits:
-        out = {"train": [], "val": [], "test": []}
+        out: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
         for ti, task in enumerate(self.tasks):
             rng = random.Random(self.seed * 1000 + ti)
-            seen, items = set(), []
+            seen: set[str] = set()
+            items: list[dict[str, Any]] = []
             want = sum(self.n)
             for _ in range(want * 50):
                 if len(items) == want:

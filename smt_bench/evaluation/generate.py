@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     try:
         # longest first: fewer pad tokens per batch; results are put back in input order
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        texts = [None] * len(prompts)
+        texts: list[Any] = [None] * len(prompts)  # a str in every slot once the batches are done
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -58,7 +59,7 @@ def capped(records, max_examples: int | None) -> list:
 
 
 def evaluate_generative(model, tokenizer, records, max_new_tokens: int = 32, batch_size: int = 16,
-                        keep_samples: bool = False) -> dict:
+                        keep_samples: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     responses = generate(model, tokenizer, [prompt_of(r) for r in records], max_new_tokens, batch_size)
     per_task = defaultdict(list)
@@ -69,7 +70,7 @@ def evaluate_generative(model, tokenizer, records, max_new_tokens: int = 32, bat
         if keep_samples:
             samples.append({"task": rec["task"], "answer": rec["answer"], "response": resp, "correct": ok})
     acc = {t: 100.0 * sum(v) / len(v) for t, v in sorted(per_task.items())}
-    result = {
+    result: dict[str, Any] = {
         "protocol": "generative-first-match (LLM-Adapters): Alpaca prompt, greedy, "
                     f"max_new_tokens={max_new_tokens}",
         "accuracy": acc,

@@ -16,6 +16,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .suites import SuitePlan, split_task_yaml, task_manager
 
@@ -72,7 +73,8 @@ def evaluate_suite(model, tokenizer, plan: SuitePlan, *, batch_size: int = 16, m
     t0 = time.perf_counter()
     was_training = model.training if model is not None else False
     side = tokenizer.padding_side if tokenizer is not None else None
-    raw, samples = {}, {}
+    raw: dict[str, dict[str, Any]] = {}  # lm-eval's results and samples, by task
+    samples: dict[str, list[dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="smt-bench-eval-") as tmp, torch.no_grad():
             meta = {"data_dir": plan.data_dir}

@@ -22,6 +22,8 @@ import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
+from typing import cast
 from urllib.parse import urlparse
 
 import yaml
@@ -133,7 +135,7 @@ class TaskSpec:
 def _spec(entry, gen: str) -> TaskSpec:
     cfg = entry.cfg or {}
     kwargs = cfg.get("dataset_kwargs") or {}
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    meta = cast(dict, cfg.get("metadata")) if isinstance(cfg.get("metadata"), dict) else {}
     filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)]
     spec = TaskSpec(cfg.get("task_alias") or entry.name, entry.name, gen, family=meta.get("family"))
     if _is_loader(cfg.get("custom_dataset")):
@@ -171,7 +173,7 @@ class SuitePlan:
         return [t for t in self.tasks if t.builtin]
 
 
-def _round_robin(sizes: dict[str, int | None], total: int | None) -> dict[str, int | None]:
+def _round_robin(sizes: dict[str, int | None], total: int | None) -> Mapping[str, int | None]:
     """Per-task counts of at most `total` documents taken in turn from each task (None: unbounded)."""
     if not total:
         return dict(sizes)
@@ -216,6 +218,14 @@ def _lm_eval_docs(tm, spec: TaskSpec, where: str) -> list[dict]:
         msg = " ".join(str(e).split()) or e.__class__.__name__
         raise UserError(f"eval.tasks: task {spec.lm_name} ({where}) does not load in lm-eval: {msg}; fix its "
                         f"YAML or data files") from None
+
+
+def _doc_name(spec: TaskSpec) -> str:
+    """dataset_kwargs.name of a task read by smt-bench's loader (a YAML of one's own may lack it)."""
+    if spec.doc_name is None:
+        raise UserError(f"task {spec.lm_name}: dataset_kwargs.source={spec.source} needs dataset_kwargs.name, "
+                        f"the documents to read (docs/evaluation.md)")
+    return spec.doc_name
 
 
 def plan_suite(ev, test_split: list[dict], data_is_bundled: bool, data_name: str) -> SuitePlan:
@@ -297,15 +307,16 @@ def plan_suite(ev, test_split: list[dict], data_is_bundled: bool, data_name: str
             recs = plan.split[spec.name]
             where = f"test split of data={data_name}"
         elif spec.source == "llm_adapters":
-            path = Path(plan.data_dir) / spec.doc_name / "test.json"
+            assert plan.data_dir is not None  # set above: a task reads LLM-Adapters files
+            path = Path(plan.data_dir) / _doc_name(spec) / "test.json"
             if not path.is_file():
                 raise UserError(f"{path} does not exist: eval={suite} task {spec.name} needs {spec.doc_name}/test.json "
                                 f"under eval.data_dir (or drop it: eval.tasks=[...])")
             where = str(path)
-            recs = records_for(spec.source, spec.doc_name, data_dir=plan.data_dir)
+            recs = records_for(spec.source, _doc_name(spec), data_dir=plan.data_dir)
         elif spec.source:
             where = f"the {spec.name} test set"
-            recs = records_for(spec.source, spec.doc_name, data_dir=plan.data_dir)
+            recs = records_for(spec.source, _doc_name(spec), data_dir=plan.data_dir)
         else:  # a task that names its own data (dataset_path, data_files): lm-eval reads it
             where = f"task {spec.lm_name} of {index[spec.lm_name].yaml_path}"
             recs = _lm_eval_docs(tm, spec, where)
@@ -346,12 +357,12 @@ def plan_suite(ev, test_split: list[dict], data_is_bundled: bool, data_name: str
     for name, (spec, recs) in local.items():
         spec.n = take[name]
         if cap:
-            plan.max_docs[name] = take[name]
+            plan.max_docs[name] = cast(int, take[name])  # with a cap, every count is a number
         plan.tasks.append(spec)
     for b in builtins:
         plan.tasks.append(TaskSpec(b, b, builtin_protocol(b), builtin=True, metric=BUILTIN_METRIC.get(b, "acc,none")))
     if builtins and cap:
-        plan.builtin_limit = max(take[f"lm-eval:{b}"] for b in builtins) or 1
+        plan.builtin_limit = max(cast(int, take[f"lm-eval:{b}"]) for b in builtins) or 1
     if not plan.tasks:
         raise UserError(f"eval={suite} has no task to score (eval.tasks / eval.builtin are empty"
                         + (", and the built-ins were dropped: hub offline" if plan.skipped else "") + ")")

@@ -13,7 +13,8 @@ A method is two objects, as in peft (config / tuned model) and torchtune (recipe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class Plan:
 
     target_params: int
     achieved_params: int
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,8 +40,8 @@ class Context:
     the device, the process group (anything that decides, like SMT's block selection, is reduced
     across ranks first) and the run's seed. One step of it is `accumulation` batches on every rank: the global batch."""
 
-    batches: Callable[[int], Iterator[dict]]
-    loss: Callable[[nn.Module, dict], torch.Tensor]
+    batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     device: torch.device
     world: World = field(default_factory=World)
     accumulation: int = 1  # micro-batches per rank in one optimizer step (train.grad_accum)
@@ -60,7 +61,7 @@ class Method:
     fixed_fraction: ClassVar[float | None] = None  # a method whose budget is not a choice (full FT: 1.0)
     parallel: ClassVar[str] = "ddp"  # how a run spreads over ranks: ddp | fsdp2 | allreduce (smt_bench/parallel.py)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_fields(self, "method")
 
     def plan(self, shapes: ModelShapes, target_params: int) -> Plan:
@@ -70,7 +71,7 @@ class Method:
         raise NotImplementedError
 
     def resume(self, model: nn.Module, plan: Plan, context: Context, state: dict[str, torch.Tensor],
-               meta: dict) -> "Tuned":
+               meta: dict[str, Any]) -> "Tuned":
         """The Tuned a checkpoint was taken of. By default: prepare again (cheap for adapters; any random
         init is overwritten), then load the saved tensors. A method with a costly or data-dependent
         prepare (SMT's warm-up) rebuilds from `meta` instead."""
@@ -83,13 +84,13 @@ class Tuned:
     """A prepared model and all runtime state of its method. The default serves methods whose trainable
     tensors are the model's parameters with requires_grad (full FT; peft adapters)."""
 
-    def __init__(self, method: Method, model: nn.Module):
+    def __init__(self, method: Method, model: nn.Module) -> None:
         self.method, self.model = method, model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def build_optimizer(self, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
+    def build_optimizer(self, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.method.lr, betas=tuple(betas), eps=eps,
                                  weight_decay=self.method.weight_decay, foreach=True)
 
@@ -99,11 +100,11 @@ class Tuned:
         return False
 
     # --- checkpoints ---
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, meta): the trainable tensors by name, and JSON facts a resume needs."""
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}, {}
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         params = dict(self.model.named_parameters())
         missing = sorted(n for n, p in params.items() if p.requires_grad and n not in tensors)
         extra = sorted(set(tensors) - set(params))
@@ -119,7 +120,7 @@ class Tuned:
         """Method-specific entries for the result file (e.g. SMT's block map)."""
         return {}
 
-    def export(self, directory, base_model: str) -> list[str]:
+    def export(self, directory: str | Path, base_model: str) -> list[str]:
         """Writes the tuned weights (an adapter or delta where the method has one); returns the files."""
         from safetensors.torch import save_model
 

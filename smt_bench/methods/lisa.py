@@ -10,7 +10,7 @@ met. The draws depend only on (seed, period), so a resumed run draws the same la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import numpy as np
 import torch
@@ -74,7 +74,9 @@ class LISA(Method):
 
 
 class LISATuned(Tuned):
-    def __init__(self, method: LISA, model: nn.Module, gamma: int, seed: int):
+    method: LISA
+
+    def __init__(self, method: LISA, model: nn.Module, gamma: int, seed: int) -> None:
         super().__init__(method, model)
         self.layers = decoder_layers(model)
         self.gamma, self.seed = gamma, seed
@@ -107,7 +109,7 @@ class LISATuned(Tuned):
         self.active = tuple(want)
         return leaving
 
-    def begin_step(self, step: int, optimizer) -> bool:
+    def begin_step(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
         period = (step - 1) // self.method.switch_every
         if self.draw(period) == self.active:
             self.draws[period] = list(self.active)
@@ -119,7 +121,7 @@ class LISATuned(Tuned):
     def candidates(self) -> list[nn.Parameter]:
         return [*self.always, *self.layers.parameters()]
 
-    def build_optimizer(self, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
+    def build_optimizer(self, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
         """Over every layer that may be drawn: AdamW skips (and holds no state for) those without a gradient."""
         return torch.optim.AdamW(self.candidates(), lr=self.method.lr, betas=tuple(betas), eps=eps,
                                  weight_decay=self.method.weight_decay, foreach=True)
@@ -129,12 +131,12 @@ class LISATuned(Tuned):
         ids = {id(p) for p in self.candidates()}
         return {n: p for n, p in self.model.named_parameters() if id(p) in ids}
 
-    def state_dict(self):
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return ({n: p.detach() for n, p in self._names().items()},
                 {"draws": {str(k): v for k, v in self.draws.items()}, "active": list(self.active), "seed": self.seed,
                  "layers": self.gamma})
 
-    def load_state_dict(self, tensors, meta) -> None:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         params = self._names()
         if set(tensors) != set(params) or meta.get("seed") != self.seed or meta.get("layers") != self.gamma:
             raise ValueError(f"checkpoint does not match this {self.method.name} run (seed {meta.get('seed')}, "

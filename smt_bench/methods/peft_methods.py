@@ -14,7 +14,8 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 from torch import nn
 
@@ -22,6 +23,9 @@ from ..errors import BudgetUnreachable, UserError
 from ..models import ModelShapes
 from ..schema.spec import Valid, above, invalid, nonempty, nonempty_list, param, within
 from .base import Context, Method, Plan, Tuned
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 # Arguments that only decide initial values, set so peft can inject the tuner into a meta-device model
 # (PiSSA's SVD and SHiRA's random mask read weight values); the trainable count does not depend on them.
@@ -31,13 +35,15 @@ COUNT_NEUTRAL: dict[str, dict[str, Any]] = {
 }
 # LoRA initialisations that rewrite the base weights (W_res = W - s·BA): an export is only an adapter
 # of the original base model after peft converts it against the initial adapter.
-REWRITES_BASE = {"LoraConfig": ("init_lora_weights", lambda v: isinstance(v, str) and
-                                v.lower().startswith(("pissa", "olora", "corda")))}
+REWRITES_BASE: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "LoraConfig": ("init_lora_weights", lambda v: isinstance(v, str) and
+                   v.lower().startswith(("pissa", "olora", "corda")))}
 # The largest size that adds capacity, where peft itself allows more: a LoRA rank above min(d_in, d_out)
 # adds parameters but no rank.
 MAX_SIZE = {"LoraConfig": lambda t: min(t.d_in, t.d_out)}
 # run ids of LoRA / DoRA from before this class: their configs hashed in that class's form
-_COUNTS: dict = {}  # (shapes, tuner config, size) -> trainable count: plans re-ask for the same sizes
+# (shapes, tuner config, size) -> trainable count: plans re-ask for the same sizes
+_COUNTS: dict[tuple[ModelShapes, str, int], int] = {}
 
 
 # args / scaled_args: names and values are peft's to check (check_config builds the peft config with them)
@@ -45,7 +51,7 @@ ARGUMENTS = Valid(lambda v: isinstance(v, Mapping) and all(isinstance(k, str) fo
                   "a mapping of argument names of method.peft_config to values")
 
 
-def peft_config_class(name: str) -> type:
+def peft_config_class(name: str) -> type[PeftConfig]:
     import peft
 
     cls = getattr(peft, name, None)
@@ -54,7 +60,7 @@ def peft_config_class(name: str) -> type:
     return cls
 
 
-def _plain(value) -> Any:
+def _plain(value: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
@@ -73,7 +79,7 @@ class PeftTuner(Method):
     scaled_args: Dict[str, float] = param(valid=ARGUMENTS, factory=dict)  # set to ratio × knob (LoRA: lora_alpha = 2r)
 
     @staticmethod
-    def check_config(cfg, at: str) -> None:
+    def check_config(cfg: Any, at: str) -> None:
         try:
             cls = peft_config_class(cfg.peft_config)
         except ValueError:
@@ -109,7 +115,7 @@ class PeftTuner(Method):
             raise invalid(f"{at}.args.use_dora", dora, "true for method=dora; LoRA is method=lora")
 
     # --- the budget ---
-    def peft_config_for(self, size: int, count_only: bool = False):
+    def peft_config_for(self, size: int, count_only: bool = False) -> PeftConfig:
         args = {**self.args, **{k: ratio * size for k, ratio in self.scaled_args.items()},
                 self.knob: size, "target_modules": list(self.target_modules)}
         if "task_type" in peft_config_class(self.peft_config).__dataclass_fields__:
@@ -134,7 +140,7 @@ class PeftTuner(Method):
             _COUNTS[key] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return _COUNTS[key]
 
-    def _targets(self, shapes: ModelShapes):
+    def _targets(self, shapes: ModelShapes) -> None:
         if not shapes.select(self.target_modules):
             have = sorted({l.name.rsplit(".", 1)[-1] for l in shapes.linears})
             raise UserError(f"method.target_modules={list(self.target_modules)} matches no linear layer; "
@@ -152,7 +158,8 @@ class PeftTuner(Method):
             span = (f"valid {self.knob} 1..{top} give {c1:,}..{self.count(shapes, top):,} params" if top
                     else f"{self.knob}=1 gives {c1:,} params")
             raise BudgetUnreachable(f"{unreachable}, {span}; choose another budget or method.target_modules")
-        counts, refused = {}, None
+        counts: dict[int, int] = {}
+        refused: tuple[int, str] | None = None
         centre = max(1, math.floor(ideal))
         for size in sorted(range(max(1, centre - 3), min(centre + 5, (top or centre + 4) + 1)),
                            key=lambda s: abs(s - ideal)):
@@ -163,6 +170,7 @@ class PeftTuner(Method):
             if len(counts) >= 2:
                 break
         if not counts or (refused and min(abs(c - target_params) for c in counts.values()) > c2 - c1):
+            assert refused is not None  # no count: peft refused every size tried
             raise BudgetUnreachable(f"{unreachable}, which peft refuses ({refused[1]}); choose a smaller budget")
         size = min(counts, key=lambda s: (abs(counts[s] - target_params), s))
         detail = {self.knob: size, **{k: ratio * size for k, ratio in self.scaled_args.items()},
@@ -186,11 +194,12 @@ class PeftTuner(Method):
 class PeftTuned(Tuned):
     """A peft model: the adapter weights are its parameters with requires_grad; peft saves and merges."""
 
+    method: PeftTuner
     initial: str | None = None  # the adapter at init, where the init rewrote the base weights (PiSSA)
 
     def rewrites_base(self) -> bool:
         key, test = REWRITES_BASE.get(self.method.peft_config, (None, None))
-        return key is not None and test(self.method.args.get(key))
+        return key is not None and test is not None and test(self.method.args.get(key))
 
     def keep_initial_adapter(self) -> None:
         """PiSSA-style inits train on W_res = W - BA: an export must be converted against the initial
@@ -205,7 +214,7 @@ class PeftTuned(Tuned):
         self.model.save_pretrained(self.initial)
         cfg.init_lora_weights = init
 
-    def export(self, directory, base_model: str) -> list[str]:
+    def export(self, directory: str | Path, base_model: str) -> list[str]:
         """The adapter, applicable to the original base model: a PiSSA adapter is converted by peft into a
         LoRA adapter of rank 2r (ΔW relative to the original W)."""
         if self.initial is not None:

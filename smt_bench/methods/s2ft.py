@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BudgetUnreachable, UserError
-from ..models import ModelShapes
+from ..models import LinearShape, ModelShapes
 from ..schema.spec import count, nonempty, one_of, optional, param, within
 from .base import Context, Method, Plan, Tuned
 
@@ -31,7 +32,9 @@ STRATEGIES = ("random", "weight")  # S2FT-R (the paper's default) and S2FT-W: co
 class ColumnSliceLinear(nn.Module):
     """A frozen nn.Linear plus a trainable delta on some of its input columns."""
 
-    def __init__(self, base: nn.Linear, columns: torch.Tensor):
+    columns: torch.Tensor  # a buffer
+
+    def __init__(self, base: nn.Linear, columns: torch.Tensor) -> None:
         super().__init__()
         self.base = base
         self.register_buffer("columns", columns.to(torch.long).to(base.weight.device))
@@ -68,7 +71,7 @@ class S2FT(Method):
     largest: bool = True  # strategy=weight: the columns of largest norm (false: smallest)
     selection_seed: Optional[int] = param(None, optional(count(0), "(the run's seed)"))  # null: the run's seed
 
-    def _modules(self, shapes: ModelShapes):
+    def _modules(self, shapes: ModelShapes) -> tuple[list[LinearShape], list[LinearShape]]:
         attn, mlp = shapes.select([self.attn_module]), shapes.select([self.mlp_module])
         for key, found in (("attn_module", attn), ("mlp_module", mlp)):
             if not found:
@@ -116,7 +119,7 @@ class S2FT(Method):
     def _selection(self, model: nn.Module, plan: Plan, seed: int) -> dict[str, list[int]]:
         gen = torch.Generator().manual_seed(seed)
         modules = dict(model.named_modules())
-        out = {}
+        out: dict[str, list[int]] = {}
         for suffix, unit, counts in ((self.attn_module, plan.detail["head_dim"], plan.detail["heads_per_layer"]),
                                      (self.mlp_module, 1, plan.detail["channels_per_layer"])):
             names = [n for n, m in modules.items() if n.rsplit(".", 1)[-1] == suffix and isinstance(m, nn.Linear)]
@@ -129,7 +132,8 @@ class S2FT(Method):
         seed = self.selection_seed if self.selection_seed is not None else (context.seed if context else 0)
         return self._build(model, self._selection(model, plan, seed))
 
-    def resume(self, model, plan, context, state, meta) -> "S2FTTuned":
+    def resume(self, model: nn.Module, plan: Plan, context: Context | None, state: dict[str, torch.Tensor],
+               meta: dict[str, Any]) -> "S2FTTuned":
         tuned = self._build(model, meta["columns"])  # the checkpoint's selection, whatever the strategy
         tuned.load_state_dict(state, meta)
         return tuned
@@ -145,25 +149,27 @@ class S2FT(Method):
 
 
 class S2FTTuned(Tuned):
-    def __init__(self, method: S2FT, model: nn.Module, columns: dict[str, list[int]]):
+    method: S2FT
+
+    def __init__(self, method: S2FT, model: nn.Module, columns: dict[str, list[int]]) -> None:
         super().__init__(method, model)
         self.columns = columns
 
-    def _sliced(self):
+    def _sliced(self) -> list[tuple[str, ColumnSliceLinear]]:
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, ColumnSliceLinear)]
 
-    def state_dict(self):
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, _ = super().state_dict()
         return tensors, {"columns": self.columns}
 
     def report(self) -> dict[str, Any]:
         return {"columns": self.columns}
 
-    def export(self, directory, base_model: str) -> list[str]:
+    def export(self, directory: str | Path, base_model: str) -> list[str]:
         """The deltas and their columns (W[:, columns] += delta applies them to the base model)."""
         from safetensors.torch import save_file
 
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         for name, m in self._sliced():
             tensors[f"{name}.delta"] = m.delta.detach().contiguous().cpu()
             tensors[f"{name}.columns"] = m.columns.cpu()

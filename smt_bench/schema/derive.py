@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from typing import Any
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,7 +24,7 @@ def schema_for(cls: type, module: str) -> type:
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        kw = {"metadata": f.metadata}
+        kw: dict[str, Any] = {"metadata": f.metadata}
         if f.default is not dataclasses.MISSING:
             kw["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -31,7 +32,7 @@ def schema_for(cls: type, module: str) -> type:
         else:
             kw["default"] = "???"  # OmegaConf's MISSING: the YAML must set it
         specs.append((f.name, hints[f.name], dataclasses.field(**kw)))
-    ns = {"__doc__": f"Config schema of {target}"}
+    ns: dict[str, Any] = {"__doc__": f"Config schema of {target}"}
     if hasattr(cls, "check_config"):
         ns["check_config"] = staticmethod(cls.check_config)
     schema = dataclasses.make_dataclass(f"{cls.__name__}Config", specs, namespace=ns)

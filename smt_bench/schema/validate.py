@@ -82,7 +82,7 @@ def _field_type(schema, key: str):
 
 def error_line(e: Exception) -> str:
     """`key=value: what is valid` for OmegaConf's type and key errors (Hydra wraps them)."""
-    cause = e
+    cause: BaseException = e
     while not isinstance(cause, OmegaConfBaseException) and cause.__cause__ is not None:
         cause = cause.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):

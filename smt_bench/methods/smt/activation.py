@@ -47,11 +47,11 @@ class ActivationScorer:
             self.sq_sum[name] += x.square().sum(dim=0)
         return hook
 
-    def count(self, batch: dict) -> None:
+    def count(self, batch: dict[str, torch.Tensor]) -> None:
         """The next forward's real tokens (every position when the batch has no attention mask)."""
         mask = batch.get("attention_mask")
         self.mask = None if mask is None else mask.bool()
-        self.tokens += batch["input_ids"].numel() if mask is None else self.mask.sum()
+        self.tokens += batch["input_ids"].numel() if self.mask is None else self.mask.sum()
 
     def remove(self):
         for h in self._handles:

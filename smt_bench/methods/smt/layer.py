@@ -8,6 +8,7 @@ column-blocks those need. Modules that read the same input (q/k/v, gate/up) shar
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ class SharedInput:
     that tensor, so autograd holds one copy per group instead of one per module.
     """
 
+    _version: int  # x_ref's version when its columns were saved (set with _src)
+
     def __init__(self, union_cols: torch.Tensor, n_col_blocks: int, block_size: int, full_threshold: float):
         self.block_size = block_size
         self.keep_full = union_cols.numel() >= full_threshold * n_col_blocks
@@ -29,11 +32,12 @@ class SharedInput:
         slot = torch.full((n_col_blocks,), -1, dtype=torch.long)
         slot[union_cols] = torch.arange(union_cols.numel())
         self.slot_of = torch.arange(n_col_blocks) if self.keep_full else slot
-        self._src = None
-        self._saved = None
+        self._src: weakref.ref[torch.Tensor] | None = None
+        self._saved: weakref.ref[torch.Tensor] | None = None
 
     def saved_columns(self, x2d: torch.Tensor, x_ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        src = self._src() if self._src is not None else None
+        # Any, not Tensor | None: mypy would narrow x_ref to that type on `src is x_ref`
+        src: Any = self._src() if self._src is not None else None
         saved = self._saved() if self._saved is not None else None
         if src is x_ref and saved is not None and self._version == x_ref._version and saved.dtype == dtype:
             return saved

@@ -4,10 +4,12 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from ...distributed import World
 from ...errors import BudgetUnreachable, UserError
 from ...kernels import BACKENDS
 from ...kernels.torch_ops import TRITON_BLOCK_SIZES
@@ -118,7 +120,8 @@ class SMT(Method):
         _same_on_every_rank(chosen, context.world)
         return self._build(model, linears, plan.detail["block_size"], chosen, info, context)
 
-    def resume(self, model: nn.Module, plan: Plan, context: Context, state: dict, meta: dict) -> SMTTuned:
+    def resume(self, model: nn.Module, plan: Plan, context: Context, state: dict[str, torch.Tensor],
+               meta: dict[str, Any]) -> SMTTuned:
         """The checkpoint's selection, without the warm-up (update mode: its warmed-up weights too)."""
         if meta["block_size"] != plan.detail["block_size"]:
             raise ValueError(f"checkpoint has block size {meta['block_size']}, the plan {plan.detail['block_size']}")
@@ -134,25 +137,26 @@ class SMT(Method):
         tuned.load_state_dict(state, meta)
         return tuned
 
-    def _build(self, model, linears, B: int, chosen: dict, warmup_info: dict, context: Context) -> SMTTuned:
+    def _build(self, model: nn.Module, linears: dict[str, nn.Linear], B: int, chosen: dict[str, torch.Tensor],
+               warmup_info: dict[str, Any], context: Context) -> SMTTuned:
         from ...kernels import get_backend
 
         for p in model.parameters():
             p.requires_grad_(False)
-        eligible = defaultdict(int)
+        eligible: defaultdict[str, int] = defaultdict(int)
         for n, m in linears.items():
             eligible[n.rsplit(".", 1)[1]] += m.weight.numel() // (B * B)
         try:
             backend = get_backend(self.kernels, context.device)
         except ValueError as e:
             raise UserError(str(e)) from None
-        groups = defaultdict(list)
+        groups: defaultdict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
         for n, sel in chosen.items():
             if sel.shape[0]:
                 parent, child = n.rsplit(".", 1)
                 sib = next((tuple(sorted(s)) for s in SIBLINGS if child in s), (child,))
                 groups[(parent, sib)].append(n)
-        layers = {}
+        layers: dict[str, SMTLinear] = {}
         for (parent, _), members in groups.items():
             union = torch.unique(torch.cat([chosen[n][:, 1] for n in members]))
             shared = SharedInput(union, linears[members[0]].in_features // B, B, self.full_input_threshold)
@@ -163,7 +167,7 @@ class SMT(Method):
         return SMTTuned(self, model, layers, B, backend, warmup_info, dict(eligible))
 
 
-def _same_on_every_rank(chosen: dict[str, torch.Tensor], world) -> None:
+def _same_on_every_rank(chosen: dict[str, torch.Tensor], world: World) -> None:
     """The scores were all-reduced, so every rank's top-k is the same; a rank that disagreed (other data,
     other code) would train other blocks than the rest and its DDP gradients would mean nothing. Checked."""
     if not world.distributed:

@@ -6,6 +6,8 @@ can prepare any number of models and the report can be read before or after merg
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
@@ -13,6 +15,10 @@ from torch import nn
 from ..base import Tuned
 from .layer import SMTLinear
 from .optim import BlockAdamW
+
+if TYPE_CHECKING:
+    from ...kernels import Backend
+    from .method import SMT
 
 PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
         "down": "down_proj"}
@@ -23,8 +29,10 @@ def _layer_index(name: str) -> int | None:
 
 
 class SMTTuned(Tuned):
-    def __init__(self, method, model: nn.Module, layers: dict[str, SMTLinear], block_size: int, backend,
-                 warmup_info: dict, eligible_per_proj: dict[str, int]):
+    method: SMT
+
+    def __init__(self, method: SMT, model: nn.Module, layers: dict[str, SMTLinear], block_size: int,
+                 backend: Backend, warmup_info: dict[str, Any], eligible_per_proj: dict[str, int]) -> None:
         super().__init__(method, model)
         self.layers, self.block_size, self.backend = layers, block_size, backend
         self.warmup_info, self.eligible_per_proj = warmup_info, eligible_per_proj
@@ -34,13 +42,13 @@ class SMTTuned(Tuned):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [l.blocks for l in self.layers.values()]
 
-    def build_optimizer(self, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.Optimizer:
+    def build_optimizer(self, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
         return BlockAdamW(list(self.layers.values()), lr=self.method.lr, betas=betas, eps=eps,
                           weight_decay=self.method.weight_decay)
 
     # --- checkpoints: the selection and the trained blocks; the warm-up is not redone on resume ---
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {}
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
         for n, l in self.layers.items():
             tensors[f"{n}.rows"], tensors[f"{n}.cols"] = l.rows, l.cols
             tensors[f"{n}.blocks"] = l.blocks.detach()
@@ -51,7 +59,7 @@ class SMTTuned(Tuned):
                 "layers": list(self.layers)}
         return tensors, meta
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         if sorted(meta["layers"]) != sorted(self.layers):
             raise ValueError("checkpoint's SMT layers differ from this model's")
         for n, l in self.layers.items():
@@ -61,11 +69,11 @@ class SMTTuned(Tuned):
             l.load_blocks(tensors[f"{n}.blocks"].to(l.blocks.device))
 
     # --- after training ---
-    def block_map(self) -> list[list]:
+    def block_map(self) -> list[list[Any]]:
         return [[_layer_index(n), n.rsplit(".", 1)[1], int(r), int(c)]
                 for n, l in self.layers.items() for r, c in zip(l.rows.tolist(), l.cols.tolist())]
 
-    def _make_report(self) -> dict:
+    def _make_report(self) -> dict[str, Any]:
         cfg = self.method
         bmap = self.block_map()
         per_proj = Counter(b[1] for b in bmap)
@@ -86,10 +94,10 @@ class SMTTuned(Tuned):
                             for n, l in self.layers.items()},
         }
 
-    def report(self) -> dict:
+    def report(self) -> dict[str, Any]:
         return self._report
 
-    def export(self, directory, base_model: str) -> list[str]:
+    def export(self, directory: str | Path, base_model: str) -> list[str]:
         from .export import save_delta
 
         path = f"{directory}/smt_delta.safetensors"

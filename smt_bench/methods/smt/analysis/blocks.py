@@ -89,7 +89,8 @@ def _rate_section(sc: pd.DataFrame, srun: pd.DataFrame) -> list[str]:
 
 def _maps(s: Setting) -> tuple[dict, dict]:
     """(series, budget) -> the block maps of its runs, and -> the short names of the projections SMT could select."""
-    maps, eligible = {}, {}
+    maps: dict[tuple, list] = {}
+    eligible: dict[tuple, set[str]] = {}
     for f, series, b, e in zip(s.runs["file"], s.runs["series"], s.runs["budget_fraction"],
                                s.runs["smt_eligible_projections"]):
         if s.method_info[f].get("block_map"):
@@ -200,6 +201,7 @@ def _figure(cells: pd.DataFrame, maps: dict[tuple[str, float], list[list]], titl
     grid = fig.add_gridspec(nrows + bar_rows, 1, height_ratios=[PANEL_H] * nrows + [bar_h] * bar_rows)
     top = grid[:nrows].subgridspec(nrows, ncols) if nrows else None
     for i, (series, budget) in enumerate(keys):
+        assert top is not None  # keys: nrows > 0
         ax = fig.add_subplot(top[i // ncols, i % ncols])
         n = len(maps[(series, budget)])
         _heatmap(fig, ax, maps[(series, budget)], (eligible or {}).get((series, budget), ()),

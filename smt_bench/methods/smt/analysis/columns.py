@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from smt_bench.analysis.schema import SchemaError, is_kind, require, short
+from smt_bench.result import SchemaError, is_kind, require, short
 
 # SMT projection names -> the groups of the paper's share analysis, in display order
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -59,7 +59,7 @@ def run_columns(method_info: dict) -> dict:
     """The run table's SMT columns (NaN / "" for a run without a selection)."""
     counts = selected_counts(method_info)
     total = sum(counts.values())
-    row = {}
+    row: dict[str, float | str] = {}
     for g in GROUPS:
         row[f"smt_share_{g}"] = counts.get(g, 0) / total if total else math.nan
         row[f"smt_blocks_{g}"] = counts.get(g, 0) if total else math.nan

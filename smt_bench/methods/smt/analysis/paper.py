@@ -86,7 +86,7 @@ def panels(s: Setting, comp: Comparison) -> list[dict]:
         groups = at_b.groupby(keys, sort=True, dropna=False) if others else [((), at_b)]
         found = []
         for rest, g in groups:
-            by = {}
+            by: dict[str, list[float]] = {}
             for v, a in zip(g[col], g["mean_accuracy"]):
                 lbl = labels.get(_value(comp.key, v))
                 if lbl is not None:
@@ -237,7 +237,7 @@ PAPER_TABLES = "paper_tables.csv"
 
 
 def published_tables() -> list[dict]:
-    text = resources.files(__package__).joinpath("assets", PAPER_TABLES).read_text("utf-8")
+    text = resources.files(__package__).joinpath("assets").joinpath(PAPER_TABLES).read_text("utf-8")
     return list(csv.DictReader(text.splitlines()))
 
 

@@ -57,7 +57,7 @@ def summary(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         groups.setdefault((r["factor"], r["budget"], _compared(r)), []).append(r["jaccard"])
-    first = {}
+    first: dict[tuple, int] = {}
     for r in sorted(rows, key=lambda r: (_order(r["a"]), _order(r["b"]))):
         first.setdefault((r["factor"], r["budget"], _compared(r)), len(first))
     order = sorted(groups, key=lambda k: (FACTORS.index(k[0]), k[1], first[k]))
