@@ -27,6 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 SLOW_FILES = ("test_adding_a_method.py", "test_gpu_check.py", "test_smt_study.py")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: needs a running SLURM cluster (sinfo and sacct answer; bash "
+                                       "scripts/slurm_local.sh up starts one on this machine); skipped without one")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in SLOW_FILES:
