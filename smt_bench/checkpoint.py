@@ -152,7 +152,7 @@ def _step_of(p: Path) -> int:
     return int(p.name.split("-", 1)[1])
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def _one_line(text: object, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -244,7 +244,8 @@ class CheckpointDir:
             if not isinstance(e, (OSError, SafetensorError)):
                 raise
             code, reason = _os_error(e)
-            kept = ([s for s, p in self._steps() if p not in self._damaged] or [None])[-1]
+            intact = [s for s, p in self._steps() if p not in self._damaged]
+            kept = intact[-1] if intact else None
             raise OSError(code, f"{reason} while saving checkpoint step {ckpt.step} into {self.path}; "
                           + (f"the checkpoint at step {kept} is kept" if kept is not None
                              else "there is no earlier checkpoint")) from e

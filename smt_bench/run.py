@@ -232,10 +232,18 @@ def execute(cfg: DictConfig, prep: Prepared | None = None) -> RunResult | None:
     finally:
         info.wall_time_s = heartbeat.elapsed()
         info.updated_at = _now()
+        unwritten = None
         if info.status != "running" and world.is_main:  # still running: bad input (its file removed)
-            write_json_atomic(prep.path, result.to_json())
-            print(run_line(result, prep.path), flush=True)
+            try:
+                write_json_atomic(prep.path, result.to_json())
+                print(run_line(result, prep.path), flush=True)
+            except OSError as e:  # a full disk: the file keeps its last state (running) and the checkpoints stay
+                unwritten = e
+                print(f"smt-bench: error: cannot write {prep.path} ({e}); it still reads running and its "
+                      f"checkpoints are kept: the same command resumes once it can write", file=sys.stderr, flush=True)
         logger.finish(result.summary.model_dump(exclude_unset=True) if result.summary else {})
+        if unwritten is not None and info.status == "finished":  # nothing recorded it: keep its checkpoints
+            raise RunFailed(f"the result could not be written ({unwritten})") from unwritten
     if world.is_main:
         ckpts.remove()  # the result (and export) hold what a finished run keeps
     world.barrier()  # the other ranks wait here while rank 0 evaluates and writes: the next job starts together
@@ -346,6 +354,7 @@ class Recipe:
         self.parallel = strategy_for(prep.method, world, self.dev)
         # every rank reads it (results.dir must be a filesystem all ranks see); FSDP2's optimizer state: rank 0
         self.saved = saved = self.ckpts.load(optimizer=self.parallel.optimizer_on_every_rank or world.is_main)
+        self.heartbeat.result.run_info.checkpoint_step = None if saved is None else saved.step  # after a fallback
         step = world.broadcast(None if saved is None else saved.step)
         if (None if saved is None else saved.step) != step:
             raise RuntimeError(f"rank {world.rank} sees checkpoint step {saved and saved.step} of {self.ckpts.path}, "
