@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig
 
-from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, BudgetUnreachable, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_TIMED_OUT, BudgetUnreachable, UserError
 from .schema.store import CONF, register
 from .summary import Job
 
@@ -95,13 +95,20 @@ def _multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _in_process_sweep() -> bool:
+    """A job of a sweep whose jobs run one after another in this process (Hydra's basic launcher)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return _multirun() and "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", ""))
+
+
 def job(cfg: DictConfig, prepared: "Prepared | None" = None) -> None:
     """One job of the command line (Hydra's task, in this process or on a cluster node), with what the preflight
     prepared for it when it runs in this process. A run that diverges, runs out of memory or fails is recorded in
     its result file; in a sweep the next job goes on (the sweep's table lists it, and rerunning the sweep runs it
     again)."""
     from .distributed import World
-    from .preemption import Preempted
+    from .preemption import Preempted, TimedOut
     from .run import RunFailed, execute
 
     try:
@@ -117,8 +124,13 @@ def job(cfg: DictConfig, prepared: "Prepared | None" = None) -> None:
         if e.__cause__ is not None:
             traceback.print_exception(e.__cause__, file=sys.stderr)
         print(f"smt-bench: run failed: {e}", file=sys.stderr, flush=True)
-        if not _multirun() or (World.current().distributed and not e.agreed):
+        # in a sweep of this process the next job goes on; a job in a process of its own (a SLURM task) exits
+        # with the run's status, so the scheduler records it as failed
+        if not _in_process_sweep() or (World.current().distributed and not e.agreed):
             sys.exit(EXIT_RUN_FAILED)
+    except TimedOut as e:  # checkpointed, not requeued: the same command resumes it
+        print(f"smt-bench: timed out: {e}; checkpoint saved", file=sys.stderr, flush=True)
+        sys.exit(EXIT_TIMED_OUT)
     except Preempted as e:  # checkpointed: the same command resumes (submitit requeues it on a cluster)
         print(f"smt-bench: preempted by {e}; checkpoint saved", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

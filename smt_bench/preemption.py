@@ -4,8 +4,9 @@ SLURM sends SIGTERM on preemption; submitit asks for SIGUSR2 `signal_delay_s` be
 (and installs its own handlers: requeue on SIGUSR2, ignore SIGTERM); Lightning-style setups use
 SIGUSR1. A handler here only records the signal, so a step is never cut in half. After the
 checkpoint, a handler that was installed before ours (submitit's) is called: if it returns, training
-goes on; if it exits (submitit requeued the job), so do we. Without one, the run stops as
-`preempted` with the exit status the signal would have given (128 + its number).
+goes on; if it exits (submitit requeued the job), so do we; if it refuses to requeue (submitit, once the
+job's timeouts are used up: `max_num_timeout`), the run stops as `timed_out` (exit status 124). Without one,
+the run stops as `preempted` with the exit status the signal would have given (128 + its number).
 
 With several ranks a signal may reach some ranks a step before others (torchrun forwards it to each
 worker; SLURM signals each task): at every step boundary the ranks agree on a signal any of them
@@ -24,6 +25,23 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int, exit_code):
         super().__init__(f"{signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.exit_code = signum, step, exit_code
+
+
+class TimedOut(Preempted):
+    """The scheduler's time limit came and the run may not be requeued again (submitit: "timed-out too many
+    times", `max_num_timeout`): checkpointed, resumable by the same command, but not finished."""
+
+    def __init__(self, signum: int, step: int, reason: str):
+        super().__init__(signum, step, 124)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: {self.reason}"
+
+
+def _not_requeued(e: Exception) -> bool:
+    """submitit's handler refusing to requeue (its UncompletedJobError), without importing submitit here."""
+    return type(e).__name__ == "UncompletedJobError" and type(e).__module__.startswith("submitit")
 
 
 class PreemptionWatch:
@@ -60,6 +78,10 @@ class PreemptionWatch:
                 prev(signum, None)
             except SystemExit as e:
                 raise Preempted(signum, step, e.code) from None
+            except Exception as e:
+                if _not_requeued(e):  # timeouts used up: the checkpoint is saved, the run ends timed_out
+                    raise TimedOut(signum, step, str(e)) from None
+                raise
             return
         if prev == signal.SIG_IGN:
             return

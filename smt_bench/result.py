@@ -25,8 +25,33 @@ from pydantic_core import PydanticCustomError, core_schema
 SCHEMA_VERSION: Final = 1
 
 # finished: in the statistics; the rest are listed with what they got to
-Status = Literal["finished", "failed", "oom", "cancelled", "running", "preempted", "diverged"]
+Status = Literal["finished", "failed", "oom", "cancelled", "running", "preempted", "timed_out", "killed", "diverged"]
 STATUSES: tuple[str, ...] = get_args(Status)
+# status -> (what happened, the exit status of the run's process, what to do next)
+STATUS_MEANING = {
+    "finished": ("trained (and evaluated); the result is complete", "0", ""),
+    "running": ("training; or killed outright before it could say so (its `updated_at` stops moving)", "—",
+                "RESUME"),
+    "preempted": ("a signal (SLURM preemption, SIGTERM, SIGUSR1/2 without a requeue) ended it after a checkpoint",
+                  "128 + the signal", "RESUME (on SLURM the requeue does it)"),
+    "timed_out": ("the time limit came and its requeues are used up (`hydra.launcher.max_num_timeout`); "
+                  "checkpointed", "124", "RESUME; or raise hydra.launcher.timeout_min or max_num_timeout"),
+    "killed": ("the scheduler ended its task and the run could not say so (kill -9, a node failure, host memory); "
+               "written by the submitter", "the scheduler's", "RESUME"),
+    "diverged": ("the loss was not finite at `diverged_at_step` (that step is not applied)", "1",
+                 "rerunning repeats it: change train.lr (a new config is a new run)"),
+    "oom": ("out of device memory at `batch_size`", "1",
+            "lower train.batch_size and raise train.grad_accum to keep the global batch (a new run)"),
+    "failed": ("an exception ended it (`error`, `traceback`)", "1", "fix its cause, then RESUME"),
+    "cancelled": ("Ctrl-C", "130", "RESUME"),
+}
+
+
+def next_step(status: str, checkpoint_step: int | None) -> str:
+    """What to do with a run that did not finish, in one phrase."""
+    resume = ("the same command resumes it from its checkpoint at step "
+              f"{checkpoint_step}" if checkpoint_step is not None else "the same command runs it again")
+    return STATUS_MEANING[status][2].replace("RESUME", resume)
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
 
 
@@ -291,7 +316,7 @@ class RunResult(Part):
             raise _problem("missing key train_info")
         if status == "diverged" and "diverged_at_step" not in info.model_fields_set:
             raise _problem("missing key run_info.diverged_at_step")
-        if status in ("running", "preempted") and "checkpoint_step" not in info.model_fields_set:
+        if status in ("running", "preempted", "timed_out") and "checkpoint_step" not in info.model_fields_set:
             raise _problem("missing key run_info.checkpoint_step")
         return self
 
@@ -393,9 +418,15 @@ def schema_page() -> str:
            f"`schema_version` is {SCHEMA_VERSION}. Every section refuses keys it does not declare, except "
            "`summary` (a method adds its own headline keys), `config` and `method_info`. Numbers keep their JSON "
            "type and must be finite. A finished run must hold `train_info` with its required keys; a diverged "
-           "run `run_info.diverged_at_step`; a running or preempted run `run_info.checkpoint_step` (null before "
+           "run `run_info.diverged_at_step`; a running, preempted or timed-out run `run_info.checkpoint_step` (null before "
            "the first checkpoint). Files written by older versions read through `smt_bench/migrations.py`, "
-           "each rule with the commit it came from.", "", "## The file", ""]
+           "each rule with the commit it came from.", "", "## Statuses", "",
+           "`run_info.status`, the exit status of the run's process (a sweep exits 1 if any run did not finish), and "
+           "what to do next (the line a run ends with says it too):", "",
+           "| status | what happened | exit | next |", "| --- | --- | --- | --- |"]
+    out += [f"| `{s}` | {what} | {code} | {next_step(s, None).replace('runs it again', 'resumes it from its checkpoint (or runs it again)') or '—'} |"
+            for s, (what, code, _) in STATUS_MEANING.items()]
+    out += ["", "## The file", ""]
     out += _table(RunResult)
     for name, model in SECTIONS:
         out += ["", f"## `{name}`", ""]

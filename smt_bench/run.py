@@ -32,7 +32,7 @@ from .memory import PeakMemory
 from .methods.base import Context
 from .models import meta_shapes
 from .parallel import strategy_for
-from .preemption import Preempted
+from .preemption import Preempted, TimedOut
 from .result import SCHEMA_VERSION, Evaluation, MetaInfo, RunInfo, RunResult, Summary, TrainInfo
 from .results import checkpoint_dir, finished, probe_writable, run_file, write_json_atomic
 from .schema.validate import validate
@@ -212,6 +212,9 @@ def execute(cfg: DictConfig, prep: Prepared | None = None) -> RunResult | None:
     except UserError:  # bad input found only once the data is tokenised: one line, exit 2, no result file
         if heartbeat.started and world.is_main:
             prep.path.unlink(missing_ok=True)
+        raise
+    except TimedOut as e:
+        _ended(info, "timed_out", str(e), checkpoint_step=ckpts.latest_step())
         raise
     except Preempted as e:
         _ended(info, "preempted", str(e), checkpoint_step=ckpts.latest_step())

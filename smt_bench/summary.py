@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .result import Evaluation, RunResult
+from .result import Evaluation, RunResult, next_step
 
 MiB = 2 ** 20
 
@@ -37,6 +37,8 @@ def run_line(result: RunResult, path: Path | str) -> str:
     parts.append(f"wall {info.wall_time_s or 0:.0f} s")
     if info.error:
         parts.append(f"error {info.error.splitlines()[0][:200]}")
+    if not result.finished:
+        parts.append(f"next: {next_step(info.status, info.checkpoint_step)}")
     parts.append(str(path))
     return " | ".join(parts)
 

@@ -24,6 +24,13 @@ def install(faults: list[tuple[str, int, int | None]]) -> None:
     import smt_bench.loggers as loggers
     import smt_bench.trainer as trainer
 
+    if any(kind == "timeout" for kind, _, _ in faults):  # submitit's SIGUSR2 handler once the timeouts are used up
+        from submitit.core.utils import UncompletedJobError
+
+        def not_requeued(signum, frame):
+            raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+        signal.signal(signal.SIGUSR2, not_requeued)
     current = {"seed": None}
     start, log, forward = loggers.NullLogger.start, loggers.NullLogger.log, trainer.forward_loss
     broken = {"nan": False}
@@ -43,6 +50,8 @@ def install(faults: list[tuple[str, int, int | None]]) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
                 elif kind == "term":
                     os.kill(os.getpid(), signal.SIGTERM)
+                elif kind == "timeout":  # the time limit's signal; the handler above refuses to requeue
+                    os.kill(os.getpid(), signal.SIGUSR2)
                 elif kind == "raise":
                     raise RuntimeError(f"injected fault at step {step}")
                 elif kind == "oom":

@@ -89,6 +89,34 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(name, uni
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_time_limit_with_its_requeues_used_up_ends_timed_out_resumable(uninterrupted, tmp_path):
+    """submitit's handler refuses to requeue (max_num_timeout used up): the run checkpoints, says timed_out
+    (not failed), exits 124 (the scheduler records a failure, not COMPLETED), and the same command resumes it."""
+    args = [*BASE, *METHOD["lora"], "train.checkpoint_every=0", f"results.dir={tmp_path / 'results'}"]
+    p = _run(tmp_path / "cwd", args, faults=["timeout:4"])
+    assert p.returncode == 124, p.stderr[-3000:]
+    assert ("smt-bench: timed out: SIGUSR2 at step 4: Job not requeued because: timed-out too many times.; "
+            "checkpoint saved") in p.stderr and "Traceback" not in p.stderr
+    path, res = _result(tmp_path / "results")
+    info = res["run_info"]
+    assert (info["status"], info["checkpoint_step"], info.get("traceback")) == ("timed_out", 4, None)
+    assert "next: the same command resumes it from its checkpoint at step 4" in p.stdout
+    p = _run(tmp_path / "cwd", args)
+    assert p.returncode == 0 and "from its checkpoint at step 4" in p.stdout, p.stderr[-3000:]
+    _, res = _result(tmp_path / "results")
+    assert res["train_info"]["loss_curve"] == uninterrupted["lora"][0]["train_info"]["loss_curve"]
+
+
+@pytest.mark.slow
+def test_a_multirun_of_one_job_that_fails_exits_1(tmp_path):
+    """Every SLURM submission is a multirun (-m); one of a single job whose run fails must not exit 0."""
+    args = ["-m", *BASE, *METHOD["lora"], f"results.dir={tmp_path / 'results'}"]
+    p = _run(tmp_path / "cwd", args, faults=["raise:2"])
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "[smt-bench] sweep of 1 jobs: 1 failed" in p.stdout
+
+
 def test_sigterm_checkpoints_stops_and_the_same_command_resumes(uninterrupted, tmp_path):
     args = [*BASE, *METHOD["lora"], "train.checkpoint_every=0", f"results.dir={tmp_path / 'results'}"]
     p = _run(tmp_path / "cwd", args, faults=["term:5"])

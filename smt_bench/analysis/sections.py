@@ -218,7 +218,7 @@ def figure_link(title: str, slug: str, stem: str) -> str:
 def failures_section(loaded: Loaded, duplicates) -> list[str]:
     out = ["## Runs left out", "", "### Runs that did not finish", "",
            "Not in the statistics. Detail: where a diverged run stopped, the batch size an OOM ran with, the last "
-           "checkpoint of a running (or killed) or preempted run, and the error.", ""]
+           "checkpoint of a running, killed, preempted or timed-out run, and the error.", ""]
     runs = loaded.runs
     unfinished = runs[runs["status"] != "finished"]
     if len(unfinished):
@@ -250,7 +250,7 @@ def unfinished_detail(status: str, run_info: RunInfo, config: dict, error: str) 
     """What a run that did not finish got to, then its error (first line), at most 120 characters."""
     if status == "diverged":
         fact = f"diverged at step {run_info.diverged_at_step}"
-    elif status in ("running", "preempted"):
+    elif status in ("running", "preempted", "timed_out", "killed"):
         step = run_info.checkpoint_step
         fact = "no checkpoint" if step is None else f"last checkpoint at step {step}"
     elif status == "oom":
