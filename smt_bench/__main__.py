@@ -16,6 +16,8 @@ from .errors import EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_TIMED_OUT, BudgetUnrea
 from .schema.store import CONF, register
 from .summary import Job
 
+from hydra_plugins.smt_bench_launchers import Ended, SubmissionRefused, TasksEnded  # noqa: E402  (after register)
+
 if TYPE_CHECKING:
     from .run import Prepared
 
@@ -146,6 +148,9 @@ def app(plan: "Plan | None" = None) -> None:
     def task(cfg: DictConfig) -> None:
         job(cfg, prepared.pop(job_key(cfg), None))
 
+    from hydra_plugins.smt_bench_launchers import register
+
+    register()  # conf/hydra/launcher/{slurm,local}.yaml name smt-bench's launchers
     hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")(task)()
 
 
@@ -305,8 +310,13 @@ def main() -> None:
         return
     plan = _agreed_preflight(argv)
     sweep = plan.multirun or len(plan.jobs) + len(plan.skipped) > 1
+    refused = None
     try:
         app(plan)
+    except SubmissionRefused as e:  # nothing was submitted: bad input, in one line
+        refused = e
+    except TasksEnded as e:  # every task has ended; these without a result (killed, lost, failed hard)
+        mark_killed(plan, e.ended)
     finally:
         if sweep and World.current().is_main:
             from .summary import sweep_table
@@ -315,8 +325,36 @@ def main() -> None:
             if plan.skipped:
                 print(f"[smt-bench] skipped before training, budget unreachable for the method: "
                       f"{'; '.join(plan.skipped)}", flush=True)
+    if refused is not None:
+        _fail(str(refused))
     if sweep and not all(finished(j.path) for j in plan.jobs):
         sys.exit(EXIT_RUN_FAILED)  # the table says which; rerunning the sweep runs only those
+
+
+def mark_killed(plan: Plan, ended: list[Ended]) -> None:
+    """A task the scheduler ended while its run was still `running` (kill -9, a lost node, host memory): its
+    result file says so, `killed`, with the scheduler's state, so the table and the analysis tell the truth.
+    The run keeps its checkpoint; the same command resumes it."""
+    import json
+
+    from .result import RunResult
+    from .results import write_json_atomic
+
+    for task in ended:
+        job = next((j for j in plan.jobs if set(j.overrides) <= set(task.overrides)), None)
+        if job is None:
+            continue
+        try:
+            result = RunResult.from_json(json.loads(job.path.read_text()))
+        except (OSError, ValueError):  # never started, or not a result: the table says `not run`
+            print(f"[smt-bench] task {task.job_id} ended {task.state} before its run started: {task.reason}",
+                  file=sys.stderr, flush=True)
+            continue
+        if result.run_info.status != "running":
+            continue  # it said how it ended (failed, timed_out, ...)
+        result.run_info.status = "killed"
+        result.run_info.error = f"the scheduler ended task {task.job_id}: {task.state} ({task.reason})"
+        write_json_atomic(job.path, result.to_json())
 
 
 if __name__ == "__main__":

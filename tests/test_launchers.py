@@ -131,6 +131,77 @@ def test_tasks_per_node_starts_each_run_as_that_many_ranks_through_srun(sbatch, 
     assert two.path.name != one.path.name and two.path.name.startswith("lora-b0.01-s0-")
 
 
+def test_a_refused_submission_is_one_line_naming_the_keys_and_nothing_is_submitted(sbatch, monkeypatch, tmp_path,
+                                                                                  capsys, smollm2_path):
+    """sbatch refuses (a GPU resource this cluster lacks): exit 2, one stderr line with sbatch's own message and
+    the hydra.launcher keys behind it, the table saying no job ran, no traceback."""
+    from smt_bench.__main__ import main
+
+    def refuse(self, path):
+        sbatch.append(path.read_text())
+        return [sys.executable, "-c", "import sys; sys.stderr.write('sbatch: error: Invalid generic resource (gres) "
+                                      "specification\\n'); sys.exit(1)"]
+
+    monkeypatch.setattr(SlurmExecutor, "_make_submission_command", refuse)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["smt_bench", "-m", *CLUSTER, *TINY, "method=smt,lora", "budget.fraction=0.005",
+                                      f"results.dir={tmp_path / 'results'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    out, err = capsys.readouterr()
+    assert ended.value.code == 2 and len(sbatch) == 1
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "smt-bench: error: sbatch refused the submission: sbatch: error: Invalid generic resource (gres) "
+        "specification; check hydra.launcher.gpus_per_node / hydra.launcher.gres / hydra.launcher.gpus_per_task; "
+        "nothing was submitted"]
+    assert "sweep of 2 jobs: 2 not run" in out
+
+
+def test_the_submitter_waits_for_every_task_and_a_killed_one_reads_killed(sbatch, monkeypatch, tmp_path, capsys,
+                                                                          smollm2_path):
+    """The first task of two ends without a result (kill -9: submitit's UncompletedJobError): the submitter still
+    waits for the second, then the run the first left `running` reads `killed` with SLURM's state, the table
+    says so, exit 1 — no traceback."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from smt_bench.__main__ import main, preflight
+
+    args = ["-m", *CLUSTER, *TINY, "method=lora", "seed=0,1", f"results.dir={tmp_path / 'results'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    first = preflight(args).jobs[0]
+    running = json.loads(json.dumps(RUNNING))
+    running["config"]["seed"] = 0
+    first.path.parent.mkdir(parents=True)
+    first.path.write_text(json.dumps(running))
+    waited = []
+
+    def results(self):
+        waited.append(self.job_id)
+        if self.job_id.endswith("_0"):
+            raise UncompletedJobError(f"Job {self.job_id} (task: 0) with path x has not produced any output "
+                                      f"(state: FAILED)")
+        return [JobReturn(status=JobStatus.COMPLETED)]
+
+    monkeypatch.setattr(SlurmJob, "results", results)
+    monkeypatch.setattr(SlurmJob, "state", property(lambda self: "FAILED"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["smt_bench", *args])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    out, err = capsys.readouterr()
+    assert ended.value.code == 1 and waited == ["4242_0", "4242_1"]
+    assert "Traceback" not in err and "sweep of 2 jobs: 1 killed, 1 not run" in out
+    info = json.loads(first.path.read_text())["run_info"]
+    assert info["status"] == "killed" and info["error"].startswith("the scheduler ended task 4242_0: FAILED (Job ")
+
+
+RUNNING = {"schema_version": 1, "run_info": {"id": "x", "created_at": "2026-01-01T00:00:00+00:00", "command": "x",
+                                             "status": "running", "error": None, "checkpoint_step": 1},
+           "config": {"method": {"name": "lora"}, "model": {"name": "tiny-llama"}, "data": {"name": "bundled"},
+                      "budget": {"fraction": 0.01}, "seed": 0},
+           "meta_info": {"git": {}, "versions": {}, "device": {}, "argv": [], "hostname": "h"}}
+
+
 @pytest.mark.slow
 def test_a_slurm_task_joins_the_world_slurm_describes(tmp_path):
     """Without torchrun, each SLURM task (srun, or submitit's tasks_per_node) exports RANK / WORLD_SIZE /
