@@ -110,11 +110,17 @@ def job(cfg: DictConfig, prepared: "Prepared | None" = None) -> None:
     its result file; in a sweep the next job goes on (the sweep's table lists it, and rerunning the sweep runs it
     again)."""
     from .distributed import World
+    from .lease import EXIT_HELD, RunHeld
     from .preemption import Preempted, TimedOut
     from .run import RunFailed, execute
 
     try:
         execute(cfg, prepared)
+    except RunHeld as e:  # live in another process (its lease is fresh): not started twice, nothing written
+        if World.current().is_main:
+            print(f"smt-bench: skipped: {e}", file=sys.stderr, flush=True)
+        if not _multirun():  # a sweep goes on (its table lists the run as running)
+            sys.exit(EXIT_HELD)
     except BudgetUnreachable as e:
         if not _multirun():
             _fail(str(e))

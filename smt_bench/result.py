@@ -147,11 +147,32 @@ def doc(text: str, *, since: str | None = None) -> Any:
 
 
 # --- the sections -------------------------------------------------------------------------------
+class Attempt(Part):
+    """One process's go at the run: the first start, and each resume after a preemption, a time limit, a
+    failure or a kill (`run_info.attempts`, in order)."""
+    started_at: Text = Field(description="when it started (UTC, ISO 8601)")
+    ended_at: TextOrNull = Field(None, description="when it ended; while it runs, its last write of the file (an "
+                                                   "attempt killed outright: its last sign of life)")
+    host: Text = Field(description="the machine (rank 0's)")
+    pid: IntOrNull = Field(description="its process id (rank 0's); null: not recorded (a file written before "
+                                       "attempts were)")
+    scheduler_job: TextOrNull = Field(description="SLURM's `<array job>_<task>` or job id; null outside a "
+                                                  "scheduler")
+    from_step: IntOrNull = Field(description="the checkpoint step it resumed from (0: from the start; null: not "
+                                             "recorded)")
+    to_step: Int = Field(description="the last step it kept: its last checkpoint (its `from_step` if it saved "
+                                     "none), or the last step when it finished")
+    ended: Status = Field(description="how it ended: the run's status when it did; `killed` for an earlier "
+                                      "attempt that ended without saying so (kill -9, a lost node: the next "
+                                      "attempt took over); `running` while it runs")
+    wall_time_s: Number = Field(description="seconds from its start to its end (or its last write)")
+
+
 class RunInfo(Part):
     id: Text = Field(description="the run id: sha256 of the resolved config without `results`, `logger` and "
                                  "`train.checkpoint_every`, plus `distributed.world_size` above one rank (12 hex; "
                                  "older forms: smt_bench/migrations.py)")
-    created_at: Text = Field(description="when this attempt started (UTC, ISO 8601)")
+    created_at: Text = Field(description="when the run's first attempt started (UTC, ISO 8601)")
     command: Text = Field(description="this job's own command line (its overrides, also inside a sweep)")
     status: Status = Field(description="how the run ended, or `running` while it trains (or after it was killed "
                                        "outright): [running.md](running.md#checkpoints-resume-and-failures)")
@@ -161,9 +182,13 @@ class RunInfo(Part):
     traceback: TextOrNull = Field(None, description="the traceback of a failed or oom run")
     diverged_at_step: IntOrNull = Field(None, description="the step whose loss was not finite (diverged)")
     batch_size: IntOrNull = Field(None, description="the per-rank batch that ran out of memory (oom)")
-    wall_time_s: NumberOrNull = Field(None, description="seconds from the start of this attempt to its end")
+    wall_time_s: NumberOrNull = Field(None, description="seconds of every attempt together: the sum of "
+                                                        "`attempts[].wall_time_s` (older files: the last attempt's "
+                                                        "alone)")
     updated_at: TextOrNull = Field(None, description="the last write of this file (UTC); older files: "
                                                      "`created_at`")
+    attempts: Optional[list[Attempt]] = Field(None, description="each attempt in order, the current one last "
+                                                                "(below); absent in older files")
 
 
 class MemoryBreakdown(Part):
@@ -370,7 +395,7 @@ def first_problem(e: ValidationError) -> str:
 
 
 # --- the schema page ---------------------------------------------------------------------------
-SECTIONS = (("run_info", RunInfo), ("meta_info", MetaInfo), ("train_info", TrainInfo),
+SECTIONS = (("run_info", RunInfo), ("run_info.attempts[]", Attempt), ("meta_info", MetaInfo), ("train_info", TrainInfo),
             ("train_info.memory_breakdown_bytes", MemoryBreakdown), ("eval", Evaluation),
             ("eval.forgetting", Forgetting), ("summary", Summary))
 
@@ -390,6 +415,8 @@ def _type_text(annotation: Any, metadata: list | None = None) -> str:
     args = [a for a in get_args(annotation) if a is not type(None)]
     if get_origin(annotation) is dict:
         return f"object of {_type_text(args[1])}"
+    if get_origin(annotation) is list:
+        return f"list of {_type_text(args[0])}"
     if args and len(args) < len(get_args(annotation)):  # Optional[X]
         return f"{_type_text(args[0])} or null"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

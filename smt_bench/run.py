@@ -5,7 +5,10 @@ before weights load; a failure there raises UserError and nothing is written.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import platform
 import random
 import sys
 import time
@@ -27,13 +30,15 @@ from .data.bundled import BundledSuite
 from .distributed import World, cuda_index
 from .distributed import init as init_world
 from .errors import UserError
+from .lease import Lease, RunHeld, scheduler_job
 from .loggers import Logger, NullLogger
 from .memory import PeakMemory
 from .methods.base import Context
 from .models import meta_shapes
 from .parallel import strategy_for
 from .preemption import Preempted, TimedOut
-from .result import SCHEMA_VERSION, Evaluation, MetaInfo, RunInfo, RunResult, Summary, TrainInfo
+from .result import (SCHEMA_VERSION, Attempt, Evaluation, MetaInfo, RunInfo, RunResult, SchemaError, Summary,
+                     TrainInfo)
 from .results import checkpoint_dir, finished, probe_writable, run_file, write_json_atomic
 from .schema.validate import validate
 from .summary import run_line
@@ -182,27 +187,99 @@ def execute(cfg: DictConfig, prep: Prepared | None = None) -> RunResult | None:
 
     Ends: finished; preempted (Preempted, after a checkpoint); diverged / oom / failed (RunFailed, recorded);
     cancelled (KeyboardInterrupt). A run killed outright leaves its file `running` and its last checkpoint.
+
+    One process at a time: before its checkpoints are loaded or removed, rank 0 takes the run's lease
+    (smt_bench/lease.py; results.lease_s, 0: none) and gives it back at every ending; RunHeld (nothing written)
+    if the run is live in another process. Each process is an attempt (`run_info.attempts`): the attempts of an
+    unfinished file of this run are carried over when it resumes (results.resume), `created_at` stays the first
+    one's start and `wall_time_s` is their total.
     """
     init_world()  # torchrun's or SLURM's ranks (a no-op in one process); submitit jobs start here
     prep = prep if prep is not None else Prepared(cfg)
     world = prep.world
+    if _skip_finished(cfg, prep, world):
+        return None
+    leased = bool(cfg.results.lease_s)  # the same on every rank
+    lease = _take_lease(prep, float(cfg.results.lease_s), world) if leased else None  # RunHeld: live elsewhere
+    try:
+        if leased and _skip_finished(cfg, prep, world):  # it finished while we looked
+            return None
+        return _execute(cfg, prep, world)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _skip_finished(cfg: DictConfig, prep: Prepared, world: World) -> bool:
     if world.broadcast(cfg.results.skip_finished and finished(prep.path)):  # rank 0 decides for all
         if world.is_main:
             print(f"[smt-bench] {prep.path} already finished; skipping (results.skip_finished=false to rerun)")
-        return None
+        return True
+    return False
+
+
+def _take_lease(prep: Prepared, lease_s: float, world: World) -> Lease | None:
+    """Rank 0 takes the run's lease (smt_bench/lease.py) and tells the others: RunHeld on every rank if another
+    live process holds it."""
+    lease, outcome = None, None
+    if world.is_main:
+        try:
+            lease = Lease.acquire(prep.path, lease_s)
+        except RunHeld as e:
+            outcome = ("held", str(e))
+        except BaseException as e:
+            outcome = ("error", f"{type(e).__name__}: {e}")
+            world.broadcast(outcome)
+            raise
+    outcome = world.broadcast(outcome)
+    if outcome is not None and outcome[0] == "held":
+        raise RunHeld(outcome[1])
+    if outcome is not None:
+        raise RuntimeError(f"rank 0 could not take the lease of {prep.path}: {outcome[1]}")
+    return lease
+
+
+def _earlier_attempts(path: Path, run_id: str) -> tuple[list[Attempt], str | None]:
+    """The attempts recorded in an unfinished result file of this run (the earlier ones of the run this process
+    resumes) and its first start; ([], None) if there is none. An attempt that never said how it ended (killed
+    outright) reads `killed`; a file from before attempts were recorded gives one attempt from its run_info."""
+    try:
+        old = RunResult.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, SchemaError):
+        return [], None
+    info = old.run_info
+    if info.status == "finished" or info.id != run_id:
+        return [], None
+    if info.attempts is not None:
+        attempts = [a.model_copy(update={"ended": "killed"}) if a.ended == "running" else a for a in info.attempts]
+    else:
+        attempts = [Attempt(started_at=info.created_at, ended_at=info.updated_at or info.created_at,
+                            host=old.meta_info.hostname, pid=None, scheduler_job=None, from_step=None,
+                            to_step=info.checkpoint_step or 0,
+                            ended="killed" if info.status == "running" else info.status,
+                            wall_time_s=info.wall_time_s or 0.0)]
+    return attempts, info.created_at
+
+
+def _execute(cfg: DictConfig, prep: Prepared, world: World) -> RunResult:
+    """execute's run, once the lease is ours."""
     ckpts = CheckpointDir(checkpoint_dir(prep.path))
     if not cfg.results.resume and world.is_main:
         ckpts.remove()
     world.barrier()
+    # the earlier attempts of an unfinished run this one resumes (its file on rank 0, who writes it)
+    earlier, first_start = (_earlier_attempts(prep.path, prep.run_id) if cfg.results.resume and world.is_main
+                            else ([], None))
     logger = _build(cfg.logger, "logger") if world.is_main else NullLogger()  # side effects: rank 0 only
+    start = _now()
     result = RunResult(
         schema_version=SCHEMA_VERSION,
-        run_info=RunInfo(id=prep.run_id, created_at=_now(), command=_command(), status="running", error=None,
-                         checkpoint_step=ckpts.latest_step()),
+        run_info=RunInfo(id=prep.run_id, created_at=first_start or start, command=_command(), status="running",
+                         error=None, checkpoint_step=ckpts.latest_step()),
         config=prep.container,
         meta_info=MetaInfo(**provenance.meta_info(prep.device), hub_kernels=hub_kernels.record(cfg.model.hub_kernels)))
     info = result.run_info
-    heartbeat = Heartbeat(prep.path, result, world)
+    heartbeat = Heartbeat(prep.path, result, world, earlier, start)
     try:
         recipe = Recipe(prep, logger, ckpts, heartbeat, result.meta_info)
         if recipe.run():
@@ -233,8 +310,8 @@ def execute(cfg: DictConfig, prep: Prepared | None = None) -> RunResult | None:
             _release_memory(prep.device)
         raise RunFailed(info.error or "") from e
     finally:
-        info.wall_time_s = heartbeat.elapsed()
-        info.updated_at = _now()
+        heartbeat.ended(info.status, int(prep.cfg.train.max_steps) if info.status == "finished" else
+                        info.checkpoint_step if info.status in ("preempted", "timed_out") else None)
         unwritten = None
         if info.status != "running" and world.is_main:  # still running: bad input (its file removed)
             try:
@@ -263,22 +340,46 @@ def _ended(info: RunInfo, status: str, error: str, **detail) -> None:
 class Heartbeat:
     """Keeps the result file saying `running` (and the last checkpoint) while training, so a run killed
     outright is listed by the analysis and rerun by the sweep. Called once when training starts and at every
-    checkpoint; rank 0 writes."""
+    checkpoint; rank 0 writes. It keeps this attempt's entry of `run_info.attempts` (after the `earlier` ones
+    of the run it resumes) and `run_info.wall_time_s`, the total over them, up to date."""
 
-    def __init__(self, path: Path, result: RunResult, world: World):
+    def __init__(self, path: Path, result: RunResult, world: World, earlier: list[Attempt] | None = None,
+                 started_at: str | None = None):
         self.path, self.result, self.world = path, result, world
         self.started = False
         self.t0 = time.perf_counter()
+        info = result.run_info
+        step = info.checkpoint_step or 0
+        info.attempts = [*(earlier or []), Attempt(
+            started_at=started_at or _now(), ended_at=None, host=platform.node(), pid=os.getpid(),
+            scheduler_job=scheduler_job(), from_step=step, to_step=step, ended="running", wall_time_s=0.0)]
+        self.attempt = info.attempts[-1]
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def resumed_from(self, step: int | None) -> None:
+        """The checkpoint this attempt resumed from (after a fallback to an older one), None: the start."""
+        self.result.run_info.checkpoint_step = step
+        self.attempt.from_step = self.attempt.to_step = step or 0
+
+    def _account(self) -> None:
+        info, now = self.result.run_info, _now()
+        self.attempt.ended_at, self.attempt.wall_time_s = now, self.elapsed()
+        info.updated_at, info.wall_time_s = now, sum(a.wall_time_s for a in info.attempts or [])
+
+    def ended(self, status: str, to_step: int | None = None) -> None:
+        """How this attempt ended (the run's status), and the last step it kept (None: its last checkpoint)."""
+        self.attempt.ended = status  # type: ignore[assignment]  # a Status; pydantic checks it
+        if to_step is not None:
+            self.attempt.to_step = to_step
+        self._account()
+
     def __call__(self, step: int | None = None) -> None:
         self.started = True
-        info = self.result.run_info
         if step is not None:
-            info.checkpoint_step = step
-        info.updated_at, info.wall_time_s = _now(), self.elapsed()
+            self.result.run_info.checkpoint_step = self.attempt.to_step = step
+        self._account()
         if self.world.is_main:
             write_json_atomic(self.path, self.result.to_json())
 
@@ -357,7 +458,7 @@ class Recipe:
         self.parallel = strategy_for(prep.method, world, self.dev)
         # every rank reads it (results.dir must be a filesystem all ranks see); FSDP2's optimizer state: rank 0
         self.saved = saved = self.ckpts.load(optimizer=self.parallel.optimizer_on_every_rank or world.is_main)
-        self.heartbeat.result.run_info.checkpoint_step = None if saved is None else saved.step  # after a fallback
+        self.heartbeat.resumed_from(None if saved is None else saved.step)  # after a fallback
         step = world.broadcast(None if saved is None else saved.step)
         if (None if saved is None else saved.step) != step:
             raise RuntimeError(f"rank {world.rank} sees checkpoint step {saved and saved.step} of {self.ckpts.path}, "

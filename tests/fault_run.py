@@ -5,7 +5,9 @@ they choose. Runs under torchrun as well (`torchrun ... tests/fault_run.py ...`)
 the others' are otherwise never written).
 
 KIND: kill (SIGKILL to this process: nothing runs after it), term (SIGTERM: the run checkpoints and
-stops), raise (a RuntimeError in training), oom (torch.OutOfMemoryError), nan (the loss turns NaN: a divergence). A fault fires at
+stops), raise (a RuntimeError in training), oom (torch.OutOfMemoryError), nan (the loss turns NaN: a divergence),
+hold (the run pauses, alive, until the file named by $FAULT_RELEASE exists; it writes $FAULT_RELEASE.held when it
+pauses, so a test knows it is there). A fault fires at
 the end of step STEP (when the trainer logs it, before that step's checkpoint) of the job whose
 config has seed SEED (any job if left out). Only the test process is patched; smt-bench has no
 fault hooks of its own.
@@ -60,6 +62,14 @@ def install(faults: list[tuple[str, int, int | None]]) -> None:
                     raise torch.OutOfMemoryError(f"injected out of memory at step {step}")
                 elif kind == "nan":
                     broken["nan"] = True
+                elif kind == "hold":
+                    import time
+
+                    release = Path(os.environ["FAULT_RELEASE"])
+                    Path(f"{release}.held").write_text(str(os.getpid()))
+                    deadline = time.monotonic() + 600
+                    while not release.exists() and time.monotonic() < deadline:
+                        time.sleep(0.1)
 
     def loss(model, batch):
         out = forward(model, batch)

@@ -119,6 +119,8 @@ class Results:
     keep_samples: bool = MISSING
     export: bool = MISSING
     resume: bool = MISSING
+    # seconds a run's lease lives without renewal (smt_bench/lease.py); 0: no lease
+    lease_s: int = param(valid=count(0))
 
 
 @dataclass
