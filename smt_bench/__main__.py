@@ -237,6 +237,7 @@ class Plan:
     launcher, or a single run), each used once by its job."""
     jobs: list[Job] = field(default_factory=list)
     results_dirs: list[str] = field(default_factory=list)
+    lease_s: list[float] = field(default_factory=list)  # each job's results.lease_s
     skipped: list[str] = field(default_factory=list)
     multirun: bool = False
     prepared: dict[str, Prepared] = field(default_factory=dict)
@@ -275,6 +276,7 @@ def preflight(argv: list[str]) -> Plan:
             _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
         plan.jobs.append(Job(swept, prep.path, finished(prep.path)))
         plan.results_dirs.append(str(cfg.results.dir))
+        plan.lease_s.append(float(cfg.results.lease_s))
         if in_process:
             plan.prepared[key] = prep
     if skipped and not plan.jobs:
@@ -346,10 +348,17 @@ def mark_killed(plan: Plan, ended: list[Ended]) -> None:
     from .result import RunResult
     from .results import write_json_atomic
 
+    from .lease import Holder, lease_file
+
     for task in ended:
-        job = next((j for j in plan.jobs if set(j.overrides) <= set(task.overrides)), None)
-        if job is None:
+        i = next((i for i, j in enumerate(plan.jobs) if set(j.overrides) <= set(task.overrides)), None)
+        if i is None:
             continue
+        job = plan.jobs[i]
+        holder = Holder.read(lease_file(job.path))
+        if (holder is not None and holder.scheduler_job != task.job_id and plan.lease_s[i]
+                and not holder.stale(plan.lease_s[i])):
+            continue  # another live process trains this run (a rerun of the sweep): it will say how it ends
         try:
             result = RunResult.from_json(json.loads(job.path.read_text()))
         except (OSError, ValueError):  # never started, or not a result: the table says `not run`
@@ -360,6 +369,8 @@ def mark_killed(plan: Plan, ended: list[Ended]) -> None:
             continue  # it said how it ended (failed, timed_out, ...)
         result.run_info.status = "killed"
         result.run_info.error = f"the scheduler ended task {task.job_id}: {task.state} ({task.reason})"
+        if result.run_info.attempts:
+            result.run_info.attempts[-1].ended = "killed"
         write_json_atomic(job.path, result.to_json())
 
 
