@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import UserError
@@ -11,27 +13,42 @@ from .errors import UserError
 
 def probe_writable(directory: Path, key: str = "results.dir", value=None) -> None:
     """Create and remove a temporary file in `directory` (a run's result, samples and exports go there),
-    so an unwritable location fails before any work; folders made for the probe are removed again."""
+    so an unwritable location fails before any work; folders made for the probe are removed again. Processes
+    that probe the same new folder at once (the tasks of a job array) do not fail each other: a folder another
+    one made meanwhile is used, and a probe whose folder another one removed is tried again."""
     directory = Path(directory)
-    made, d = [], directory
-    while not d.exists() and d != d.parent:
-        made.append(d)
-        d = d.parent
-    try:
-        for m in reversed(made):
-            m.mkdir()
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".probe-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise UserError(f"{key}={value if value is not None else directory}: cannot write in {directory} "
-                        f"({e.strerror or type(e).__name__}); set {key} to a folder you can write to") from None
-    finally:
-        for m in made:
-            try:
-                m.rmdir()
-            except OSError:
-                pass
+    tries = 50
+    for attempt in range(tries):
+        missing, d = [], directory
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        made: list[Path] = []
+        try:
+            for m in reversed(missing):
+                try:
+                    m.mkdir()
+                    made.append(m)
+                except FileExistsError:  # another process made it meanwhile
+                    pass
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".probe-")
+            os.close(fd)
+            os.unlink(tmp)
+            return
+        except FileNotFoundError as e:  # another process removed a folder it had made for its own probe
+            if attempt == tries - 1:
+                raise UserError(f"{key}={value if value is not None else directory}: cannot write in {directory} "
+                                f"({e.strerror}); set {key} to a folder you can write to") from None
+        except OSError as e:
+            raise UserError(f"{key}={value if value is not None else directory}: cannot write in {directory} "
+                            f"({e.strerror or type(e).__name__}); set {key} to a folder you can write to") from None
+        finally:
+            for m in reversed(made):
+                try:
+                    m.rmdir()
+                except OSError:  # not empty: another process is using it
+                    pass
+        time.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # out of step with the other process
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -53,3 +53,28 @@ def test_eight_processes_writing_results_at_once_leave_only_whole_files(tmp_path
             assert r["run_info"]["id"] == f.stem
         else:
             assert r["run_info"]["id"] in {f"shared-by-w{w}" for w in range(WRITERS)}
+
+
+def _probe_many(folder: str, n: int) -> int:
+    from smt_bench.errors import UserError
+    from smt_bench.results import probe_writable
+
+    failures = 0
+    for _ in range(n):
+        try:
+            probe_writable(Path(folder))
+        except UserError:
+            failures += 1
+    return failures
+
+
+def test_tasks_probing_the_same_new_folder_at_once_do_not_fail_each_other(tmp_path):
+    """The tasks of a job array start together and probe <results.dir>/runs/<group>/ before it exists: each
+    may make, use and remove it under the others; none may fail (it did: `cannot write ... (File exists)`)."""
+    import multiprocessing as mp
+
+    folder = tmp_path / "results" / "runs" / "group"
+    with mp.get_context("fork").Pool(6) as pool:
+        failures = pool.starmap(_probe_many, [(str(folder), 150)] * 6)
+    assert failures == [0] * 6
+    assert [p for p in (tmp_path / "results").rglob("*") if not p.is_dir()] == []  # no probe file left
