@@ -29,13 +29,20 @@ SLOW_FILES = ("test_adding_a_method.py", "test_gpu_check.py", "test_smt_study.py
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs a running SLURM cluster (sinfo and sacct answer; bash "
-                                       "scripts/slurm_local.sh up starts one on this machine); skipped without one")
+                                       "scripts/slurm_local.sh up starts one on this machine); run only with "
+                                       "-m slurm, one at a time (docs/slurm.md#testing-on-a-real-cluster)")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    # the real-cluster tests take about 9 minutes and time SLURM's signals: only when asked for (-m slurm), so the
+    # suite's command stays the same with or without a cluster up
+    asked = "slurm" in (config.getoption("markexpr") or "")
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+        if "slurm" in item.keywords and not asked:
+            item.add_marker(pytest.mark.skip(reason="a real SLURM cluster test: run with -m slurm "
+                                                    "(docs/slurm.md#testing-on-a-real-cluster)"))
 
 
 @pytest.fixture(scope="session")
