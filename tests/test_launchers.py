@@ -195,6 +195,29 @@ def test_the_submitter_waits_for_every_task_and_a_killed_one_reads_killed(sbatch
     assert info["status"] == "killed" and info["error"].startswith("the scheduler ended task 4242_0: FAILED (Job ")
 
 
+def test_ctrl_c_of_the_submitter_leaves_the_tasks_running_and_says_how_to_follow_them(sbatch, monkeypatch, tmp_path,
+                                                                                   capsys, smollm2_path):
+    from smt_bench.__main__ import main
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    cancelled = []
+    monkeypatch.setattr(SlurmJob, "results", interrupted)
+    monkeypatch.setattr(SlurmJob, "done", lambda self, force_check=False: False)
+    monkeypatch.setattr(SlurmJob, "cancel", lambda self, check=True: cancelled.append(self.job_id))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["smt_bench", "-m", *CLUSTER, *TINY, "method=lora", "seed=0,1",
+                                      f"results.dir={tmp_path / 'results'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    with pytest.raises(KeyboardInterrupt):
+        main()
+    out, err = capsys.readouterr()
+    assert cancelled == [] and "sweep of 2 jobs: 2 not run" in out
+    assert ("[smt-bench] interrupted; 2 task(s) still queued or running, left to run: 4242_0 4242_1. Follow them "
+            "with `squeue -j 4242_0,4242_1`, cancel them with `scancel 4242_0,4242_1`. The same command later skips "
+            "the runs that finished and resumes the others.") in err
+
+
 RUNNING = {"schema_version": 1, "run_info": {"id": "x", "created_at": "2026-01-01T00:00:00+00:00", "command": "x",
                                              "status": "running", "error": None, "checkpoint_step": 1},
            "config": {"method": {"name": "lora"}, "model": {"name": "tiny-llama"}, "data": {"name": "bundled"},
