@@ -53,6 +53,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .results import write_json_atomic
+
 EXIT_HELD = 75  # sysexits' EX_TEMPFAIL: not started because another process is training the run; try later
 MUTEX_STALE_S = 30.0  # a mutex unchanged this long (by our own clock) was left by a process that died
 REQUEUE_MARGIN_S = 30.0  # beyond lease_s, how long a requeued task waits for its previous attempt's lease
@@ -263,19 +265,6 @@ class _Held:
             self.mutex.give()
 
 
-def _write_replace(path: Path, content: dict) -> None:
-    """The lease by temp file + rename: readers see the old or the new lease, whole."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _create(path: Path, content: dict) -> bool:
     """The lease at `path` if there is none (True); False if one exists. Never leaves a half-written lease."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -382,7 +371,7 @@ class Lease:
                 return _create(self.path, self._stamp())
             if now.token != holder.token:
                 return False
-            _write_replace(self.path, self._stamp())
+            write_json_atomic(self.path, self._stamp())
             mine = Holder.read(self.path)
         if mine is None or mine.token != self.token:
             return False
@@ -409,7 +398,7 @@ class Lease:
                          f"heard from for results.lease_s={self.lease_s:g} s; another may be training it too")
                 return False
             self.content["renewed_at"] = _iso(_now())
-            _write_replace(self.path, self.content)
+            write_json_atomic(self.path, self.content)
             return True
 
     def start_renewing(self) -> None:
