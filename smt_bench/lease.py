@@ -310,6 +310,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        self.made: list[Path] = []  # folders made for the lease, deepest first
 
     # --- taking it --------------------------------------------------------------------------------
     @classmethod
@@ -330,6 +331,10 @@ class Lease:
         return lease
 
     def _take(self) -> None:
+        d = self.path.parent
+        while not d.exists() and d != d.parent:  # folders made for the lease: removed with it if left empty
+            self.made.append(d)
+            d = d.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         waited_since: float | None = None
         while True:
@@ -424,12 +429,18 @@ class Lease:
         _LIVE.discard(self.token)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=max(self.lease_s, 5.0))
+        released = False
         try:
             with self.mutex(timeout_s=5.0):  # without it after 5 s: go on (the token check still holds)
                 holder = Holder.read(self.path)
                 if holder is not None and holder.token == self.token:
                     self.path.unlink(missing_ok=True)
-                    return True
+                    released = True
         except OSError as e:
             self.say(f"smt-bench: warning: cannot release the lease {self.path} ({e})")
-        return False
+        for d in self.made if released else []:  # a run that wrote nothing (bad input found late) leaves no folder
+            try:
+                d.rmdir()
+            except OSError:  # not empty: the run's files, or another run's
+                break
+        return released
