@@ -89,7 +89,6 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(name, uni
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_time_limit_with_its_requeues_used_up_ends_timed_out_resumable(uninterrupted, tmp_path):
     """submitit's handler refuses to requeue (max_num_timeout used up): the run checkpoints, says timed_out
     (not failed), exits 124 (the scheduler records a failure, not COMPLETED), and the same command resumes it."""
@@ -117,6 +116,7 @@ def test_a_multirun_of_one_job_that_fails_exits_1(tmp_path):
     assert "[smt-bench] sweep of 1 jobs: 1 failed" in p.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_and_the_same_command_resumes(uninterrupted, tmp_path):
     args = [*BASE, *METHOD["lora"], "train.checkpoint_every=0", f"results.dir={tmp_path / 'results'}"]
     p = _run(tmp_path / "cwd", args, faults=["term:5"])
