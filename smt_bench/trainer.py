@@ -167,7 +167,8 @@ def train(tuned: Tuned, stream: BatchStream, val_batches: list[dict[str, torch.T
                 with parallel.accumulating(module, last=micro == cfg.grad_accum - 1):
                     with measure, autocast_for(device):
                         loss = forward_loss(module, batch) / cfg.grad_accum
-                    loss.backward()
+                        extra = tuned.regularizer()  # a method's own loss term (KaSA); not in the logged loss
+                    (loss if extra is None else loss + extra / cfg.grad_accum).backward()
                 step_loss += float(loss.detach())
                 step_tokens += int(batch["attention_mask"].sum())
             if world.distributed:  # the mean over ranks of their micro-batch means: what the gradient averages

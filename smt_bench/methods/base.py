@@ -99,6 +99,11 @@ class Tuned:
         trainable parameters changed (LISA samples new layers every K steps). Default: it never does."""
         return False
 
+    def regularizer(self) -> torch.Tensor | None:
+        """A method's own term added to each micro-batch's training loss before backward (KaSA's penalties on its
+        singular values and factors), or None. The logged loss is the task loss alone. Default: none."""
+        return None
+
     # --- checkpoints ---
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, meta): the trainable tensors by name, and JSON facts a resume needs."""
