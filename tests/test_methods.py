@@ -24,19 +24,44 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))  # every method the harness ships
 STEPS = 20
 # higher than the configs' defaults so that 20 steps on a random model move the loss clearly
-LR = {"full_ft": 1e-3, "lisa": 1e-3}  # they train whole tensors; every other method: 1e-2
+LR = {  # they train whole tensors; every other method: 1e-2
+    "full_ft": 1e-3,
+    "lisa": 1e-3,
+}
 # tiny-llama: rank 11 (LoRA 15,488 / DoRA 16,128 trainable); LISA: one of the 2 layers (36,992);
 # SMT: 16 blocks of 32x32, all of q, k, v (16,384)
-FRACTION = {"lisa": 0.0115}  # every other method: 0.005
+FRACTION = {  # every other method: 0.005
+    "lisa": 0.0115,
+}
 # the parameters a method adds and trains, by name (full FT and LISA train the model's own: _trained_names)
-TRAINED_BY = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
-              "pissa": ("lora_A", "lora_B"), "rslora": ("lora_A", "lora_B"), "shira": ("shira_weight",),
-              "miss": ("miss_block",), "s2ft": ("delta",), "smt": ("blocks",)}
+TRAINED_BY = {
+    "lora": ("lora_A", "lora_B"),
+    "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+    "pissa": ("lora_A", "lora_B"),
+    "rslora": ("lora_A", "lora_B"),
+    "shira": ("shira_weight",),
+    "miss": ("miss_block",),
+    "s2ft": ("delta",),
+    "smt": ("blocks",),
+}
+
+
+def _lisa_drawn(tuned, names: set[str]) -> set[str]:
+    drawn = {i for d in tuned.report()["active_layers"] for i in d["layers"]}
+    return {n for n in names if any(n.startswith(f"model.layers.{i}.") for i in drawn)}
+
+
+# methods that train the model's own tensors (no tensors of their own): (tuned, all parameter names) -> the
+# names of those it trained at some step
+TRAINS_OWN = {
+    "full_ft": lambda tuned, names: names,
+    "lisa": _lisa_drawn,
+}
 
 
 def test_every_method_is_covered():
     assert {"smt", "lora", "dora", "full_ft"} <= set(METHODS)
-    assert set(TRAINED_BY) | {"full_ft", "lisa"} == set(METHODS), "add the new method's trained tensors"
+    assert set(TRAINED_BY) | set(TRAINS_OWN) == set(METHODS), "add the new method's trained tensors"
 
 
 # --- each default is stated once ------------------------------------------------------------------
@@ -148,7 +173,7 @@ def test_trainer_accounts_trainable_memory(trained):
     mem = info["memory_breakdown_bytes"]
     assert mem["gradients"] == 4 * n            # fp32 gradient per trainable parameter
     assert mem["optimizer"] == 8 * n            # AdamW: exp_avg + exp_avg_sq (LISA: only the active layer's)
-    whole = name in ("full_ft", "lisa")  # they train the model's own tensors; the others add theirs
+    whole = name in TRAINS_OWN  # they train the model's own tensors; the others add theirs
     assert mem["weights"] >= 4 * (3_219_776 + (0 if whole else n))
     assert mem["activations"] > 0
     assert info["tokens"] > 0 and info["median_step_time_s"] > 0
@@ -157,11 +182,8 @@ def test_trainer_accounts_trainable_memory(trained):
 def _trained_names(name, tuned, model) -> set[str]:
     """The parameters the method trains (LISA: the layers it drew at some point)."""
     names = {n for n, _ in model.named_parameters()}
-    if name == "full_ft":
-        return names
-    if name == "lisa":
-        drawn = {i for d in tuned.report()["active_layers"] for i in d["layers"]}
-        return {n for n in names if any(n.startswith(f"model.layers.{i}.") for i in drawn)}
+    if name in TRAINS_OWN:
+        return TRAINS_OWN[name](tuned, names)
     added = {n for n in names if any(part in TRAINED_BY[name] for part in n.split("."))}
     if name == "smt":  # the trained blocks are written into their frozen dense weight once per step
         added |= {n.rsplit(".", 1)[0] + ".weight" for n in added}
@@ -223,7 +245,7 @@ def test_merged_model_gives_the_adapter_logits(trained, _tiny_llama_pristine, ex
         tuned = model(**inputs).logits
         base = copy.deepcopy(_tiny_llama_pristine[0]).eval()(**inputs).logits
         merged = tuned_model.merged()
-        if name in ("full_ft", "lisa"):  # they train the model's own tensors
+        if name in TRAINS_OWN:  # they train the model's own tensors
             assert merged is model
             return
         assert type(merged) is LlamaForCausalLM
