@@ -53,7 +53,8 @@ if [ "$SMOKE" = 1 ]; then
 else
   KTESTS=(); KBENCH=()
   # every method at LLaMA-7B shape in bf16 autocast over fp32 masters, at 1 and 2 layers, extrapolated to 32
-  BENCH=(model=llama-7b-random device=cuda bench.layers=[1,2] bench.steps=12 bench.skip=2)
+  BENCH=(model=llama-7b-random device=cuda bench.layers=[1,2] bench.steps=12 bench.skip=2
+         bench.methods=[floor,smt,smt_reference,lora,dora,full_ft])
 fi
 "$PY" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -o addopts= "${KTESTS[@]}" 2>&1 | tee "$OUT_DIR/kernel_tests.log"
 tests_rc=${PIPESTATUS[0]}

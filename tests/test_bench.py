@@ -28,8 +28,21 @@ def test_every_method_at_two_depths_gives_a_full_depth_table(tmp_path):
     p = _bench(tmp_path, *TINY, "bench.isolate=false", "bench.name=t")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "t.json").read_text())
-    assert set(res["summary"]) == {"floor", "smt@0.002", "smt_reference@0.002", "lora@0.002", "dora@0.002", "full_ft"}
+    # every method of conf/method/ (read from the folder), the floor and reference-style SMT; a fixed-fraction
+    # method once, the others at the budget
+    from smt_bench.bench.__main__ import methods
+
+    shipped = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+    assert methods() == ("floor", *shipped, "smt_reference") and res["facts"]["methods"] == list(methods())
+    fixed = set(res["facts"]["fixed"])
+    assert {"full_ft"} <= fixed
+    assert set(res["summary"]) == {"floor", *fixed, *(f"{m}@0.002" for m in [*shipped, "smt_reference"]
+                                                      if m not in fixed)}
+    unreachable = {k for k, s in res["summary"].items() if "unreachable" in s}
+    assert unreachable == {"lisa@0.002"}  # one whole layer is 1.15% of tiny-llama
     for key, s in res["summary"].items():
+        if key in unreachable:
+            continue
         assert s["measured"] and set(s["per_depth"]) == {"1", "2"}, key
         for field in ("step_s_full", "per_layer_step_s", "peak_growth_bytes_full", "total_bytes_full",
                       "breakdown_bytes_full", "analytic_state_bytes_full", "memory_to_full_ft", "step_to_floor"):
@@ -52,6 +65,7 @@ def test_every_method_at_two_depths_gives_a_full_depth_table(tmp_path):
     assert res["config_hash"] and res["meta_info"]["git"] and res["meta_info"]["versions"]["torch"]
     md = (tmp_path / "t.md").read_text()
     assert all(f"| {k} |" in md for k in res["summary"]) and "not per-method figures" in md
+    assert "| lisa@0.002 | unreachable: budget of 6,440 params is unreachable for lisa" in md
     table = [l for l in md.splitlines() if l.startswith("|")]
     assert len({l.count("|") for l in table}) == 1 and table[0].count("|") == 10, table[:2]  # 2L is the full depth
 
@@ -98,11 +112,12 @@ def test_an_isolated_worker_is_a_process_of_its_own_with_the_fixed_mmap_threshol
 
 @pytest.mark.parametrize("overrides,message", [
     (["bench.methods=[smt,nope]"], "bench.methods: unknown ['nope']"),
+    (["bench.methods=[lisa]"], "bench.budgets=[0.002]: no method of ['lisa'] can meet them on tiny-llama"),
     (["bench.layers=[1,3]"], "model tiny-llama has 2 layers"),
     (["bench.layers=[1]"], "or [2] to measure it whole"),
     (["bench.steps=1"], "bench.steps=1 must be above bench.skip=1"),
     (["bench.budgets=[0]"], "bench.budgets=[0]: fractions in (0, 1]"),
-    (["bench.analytic_only=[lisa]"], "bench.analytic_only=['lisa']"),
+    (["bench.methods=[floor,smt]", "bench.analytic_only=[lora]"], "bench.analytic_only=['lora']: methods from"),
     (["bench.smt_overrides=['no_such_key=1']"], "bench.smt_overrides=['no_such_key=1']"),
 ])
 def test_bad_bench_config_is_named(overrides, message):

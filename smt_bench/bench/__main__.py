@@ -21,14 +21,35 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import EXIT_BAD_INPUT, UserError
+from ..errors import EXIT_BAD_INPUT, BudgetUnreachable, UserError
 from ..schema.store import CONF, register
 from .report import summarize, write_report
 from .worker import FLOOR, REFERENCE
 
 register()
-METHODS = (FLOOR, "smt", REFERENCE, "lora", "dora", "full_ft")
 MMAP_THRESHOLD = 65536  # bytes; a fixed value also turns off glibc's dynamic threshold
+
+
+def methods() -> tuple[str, ...]:
+    """What `bench.methods` may name: the floor, every method of conf/method/ (read from the folder) and
+    reference-style SMT. `bench.methods=all` is all of them."""
+    return (FLOOR, *sorted(p.stem for p in (CONF / "method").glob("*.yaml")), REFERENCE)
+
+
+def _named(bench) -> list[str]:
+    return [bench.methods] if isinstance(bench.methods, str) else list(bench.methods)
+
+
+def selected(bench) -> list[str]:
+    names = _named(bench)
+    return list(methods()) if names == ["all"] else names
+
+
+def fixed_fraction(method_cfg: dict | None) -> float | None:
+    """The method's own budget where it has one (full FT 1.0, HFT 0.5): Method.fixed_fraction of its class."""
+    from hydra.utils import get_class
+
+    return None if method_cfg is None else getattr(get_class(method_cfg["_target_"]), "fixed_fraction", None)
 
 
 def _method_config(name: str, bench) -> dict | None:
@@ -51,9 +72,10 @@ def _method_config(name: str, bench) -> dict | None:
 
 def check(cfg: DictConfig) -> None:
     b = cfg.bench
-    bad = [m for m in b.methods if m not in METHODS]
-    if bad:
-        raise UserError(f"bench.methods: unknown {bad}; choose from {list(METHODS)}")
+    known = methods()
+    bad = [m for m in _named(b) if m not in known] if _named(b) != ["all"] else []
+    if bad or not _named(b):
+        raise UserError(f"bench.methods: unknown {bad}; choose from {list(known)}, or all")
     if not (len(b.layers) == 2 and 0 < b.layers[0] < b.layers[1] or len(b.layers) == 1 and b.layers[0] > 0):
         raise UserError(f"bench.layers={list(b.layers)}: give two depths, the smaller first, e.g. [1,2], "
                         "or the model's own depth alone")
@@ -63,8 +85,9 @@ def check(cfg: DictConfig) -> None:
         raise UserError(f"bench.budgets={list(b.budgets)}: fractions in (0, 1]")
     if b.batch_size < 1 or b.seq_len < 2 or b.rounds < 1:
         raise UserError("bench.batch_size >= 1, bench.seq_len >= 2 and bench.rounds >= 1 are required")
-    if not set(b.analytic_only) <= set(METHODS):
-        raise UserError(f"bench.analytic_only={list(b.analytic_only)}: methods from {list(METHODS)}")
+    if not set(b.analytic_only) <= set(selected(b)):
+        raise UserError(f"bench.analytic_only={list(b.analytic_only)}: methods from bench.methods "
+                        f"{selected(b)}")
 
 
 def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
@@ -88,29 +111,41 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
         ("cpu" if cfg.device == "auto" else str(cfg.device))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device}: CUDA is not available here; use device=cpu or device=auto")
-    facts = {"model": cfg.model.name, "depth": depth, "total_params": full.total_params, "device": device,
-             "plans": {}}
+    facts: dict = {"model": cfg.model.name, "depth": depth, "total_params": full.total_params, "device": device,
+                   "plans": {}, "fixed": [], "methods": selected(b)}
     jobs = []
     model_source = OmegaConf.to_container(cfg.model.source, resolve=True)
-    for name in b.methods:
+    for name in selected(b):
         method_cfg = _method_config(name, b)
-        budgets = [None] if name in (FLOOR, "full_ft") else list(b.budgets)
+        fixed = fixed_fraction(method_cfg)
+        if fixed is not None:
+            facts["fixed"].append(name)
+        budgets = [None] if name == FLOOR or fixed is not None else list(b.budgets)
         for frac in budgets:
-            achieved = full.total_params if name == "full_ft" else 0
-            if method_cfg is not None and name != "full_ft":
-                assert frac is not None  # the floor (no method_cfg) and full_ft have no budgets
+            achieved = 0
+            if method_cfg is not None:  # the floor has no method
                 method = _build(OmegaConf.create(method_cfg), "method")  # bad values: UserError, one line
-                plan = method.plan(full, round(frac * full.total_params))
+                target = round((fixed if frac is None else frac) * full.total_params)
+                try:
+                    plan = method.plan(full, target)
+                except BudgetUnreachable as e:  # LISA's whole layers at a small budget: a row that says so
+                    facts["plans"][f"{name}@{frac}"] = {"unreachable": str(e)}
+                    continue
                 achieved = plan.achieved_params
-                facts["plans"][f"{name}@{frac}"] = {"achieved_params": achieved, **plan.detail}
+                if name != "full_ft":  # full FT's plan is the whole model (facts.total_params)
+                    facts["plans"][f"{name}@{frac}"] = {"achieved_params": achieved, **plan.detail}
             for layers in b.layers:
                 jobs.append({"name": name, "budget": frac, "layers": int(layers), "device": device,
                              "model_source": model_source, "hub_kernels": bool(cfg.model.hub_kernels),
                              "method": method_cfg,
-                             "target_params": round(achieved * layers / depth) if name != "full_ft" else None,
+                             # a budgeted method trains its share of the full-depth plan; a fixed one plans itself
+                             "target_params": round(achieved * layers / depth) if fixed is None else None,
                              "batch_size": int(b.batch_size), "seq_len": int(b.seq_len), "steps": int(b.steps),
                              "skip": int(b.skip), "threads": b.threads, "profile": bool(b.profile),
                              "analytic_only": name in b.analytic_only})
+    if not jobs:
+        raise UserError(f"bench.budgets={list(b.budgets)}: no method of {selected(b)} can meet them on "
+                        f"{cfg.model.name}; choose other budgets")
     return jobs, facts
 
 
@@ -165,7 +200,7 @@ def app(cfg: DictConfig) -> None:
         "meta_info": {**provenance.meta_info(torch.device(facts["device"])),
                       "hub_kernels": hub_kernels.record(cfg.model.hub_kernels)},
     }
-    result["summary"], result["goals"] = summarize(runs, facts, list(b.methods), list(b.budgets), list(b.layers))
+    result["summary"], result["goals"] = summarize(runs, facts, selected(b), list(b.budgets), list(b.layers))
     name = b.name or f"{cfg.model.name}-{facts['device'].split(':')[0]}"
     paths = write_report(result, Path(b.out), name)
     print(Path(paths[1]).read_text())

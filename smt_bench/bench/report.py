@@ -16,7 +16,7 @@ from ..results import write_json_atomic
 from .worker import FLOOR
 
 GIB = 2 ** 30
-WARMED = ("smt", "smt_reference")  # methods with a warm-up phase of their own before training
+WARMED = ("smt", "smt_reference", "corda")  # methods with a data pass of their own before training
 PARTS = ("weights", "gradients", "optimizer", "activations")
 
 
@@ -40,12 +40,22 @@ def summarize(runs: list[dict], facts: dict, methods: list[str], budgets: list[f
     l1, l2 = layers[0], layers[-1]
     depth, n_full = facts["depth"], facts["total_params"]
     summary: dict[str, dict] = {}
+    fixed = facts.get("fixed", ["full_ft"])  # methods whose budget is their own (benches before HFT: full FT only)
     for m in methods:
-        for frac in ([None] if m in (FLOOR, "full_ft") else budgets):
+        for frac in ([None] if m == FLOOR or m in fixed else budgets):
             key = _key(m, frac)
             plan = facts["plans"].get(f"{m}@{frac}", {})
+            if "unreachable" in plan:  # the method cannot meet this budget on this model: nothing ran
+                summary[key] = {"method": m, "budget": frac, "unreachable": plan["unreachable"], "measured": False,
+                                "trainable_params_full": None, "per_depth": {}, "total_bytes_full": None,
+                                "analytic_total_bytes_full": None}
+                continue
             trainable = n_full if m == "full_ft" else (0 if m == FLOOR else plan.get("achieved_params", 0))
-            adapters = trainable if m in ("lora", "dora") else 0  # new weights beside the frozen base
+            mine = [r for r in runs if r["method"] == m and r["budget"] == frac and not r.get("failed")]
+            if any("added_params" in r for r in mine):  # measured: the method's tensors beside the base weights
+                adapters = trainable if any(r["added_params"] > 0 for r in mine) else 0
+            else:  # benches before that was measured: LoRA's and DoRA's adapters
+                adapters = trainable if m in ("lora", "dora") else 0
             analytic = {"weights": 4 * (n_full + adapters), "gradients": 4 * trainable, "optimizer": 8 * trainable}
             s = {"method": m, "budget": frac, "trainable_params_full": trainable, "plan": plan,
                  "analytic_state_bytes_full": analytic, "analytic_total_bytes_full": sum(analytic.values())}
@@ -89,6 +99,8 @@ def summarize(runs: list[dict], facts: dict, methods: list[str], budgets: list[f
     floor = summary.get(FLOOR)
     goals = {}
     for key, s in summary.items():
+        if "unreachable" in s:
+            continue
         if ft:
             s["memory_to_full_ft"] = s["total_bytes_full"] / ft["total_bytes_full"]
         if floor and floor.get("measured") and s.get("measured"):
@@ -158,6 +170,9 @@ def markdown(result: dict) -> str:
         f" (GiB) | total {f['depth']}L (GiB) | analytic {f['depth']}L (GiB) | memory / full FT |",
         "|" + " --- |" * (8 + sum(L != f["depth"] for L in depths))]
     for key, s in result["summary"].items():
+        if "unreachable" in s:
+            lines.append(f"| {key} | unreachable: {s['unreachable']} |" + " |" * (6 + sum(L != f["depth"] for L in depths)))
+            continue
         pd = [s["per_depth"].get(str(L)) or {} for L in depths]
         total = _gib(s["total_bytes_full"]) + ("" if s["measured"] else " (analytic: not measured)")
         steps = "".join(f"{_f(d.get('median_step_s'))} | " for L, d in zip(depths, pd) if L != f["depth"])
@@ -194,8 +209,8 @@ def regenerate(path: Path) -> tuple[Path, Path]:
 
     result = json.loads(Path(path).read_text())
     b = result["config"]["bench"]
-    result["summary"], result["goals"] = summarize(result["runs"], result["facts"], b["methods"], b["budgets"],
-                                                   b["layers"])
+    result["summary"], result["goals"] = summarize(result["runs"], result["facts"],
+                                                   result["facts"].get("methods", b["methods"]), b["budgets"], b["layers"])
     return write_report(result, Path(path).parent, Path(path).stem)
 
 

@@ -57,7 +57,7 @@ def measure(spec: dict) -> dict:
     batches = [torch.randint(0, vocab, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
                for _ in range(4)]
     out = {"method": spec["name"], "layers": spec["layers"], "budget": spec["budget"]}
-    opt = None
+    opt, tuned = None, None
     if spec["name"] == FLOOR:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -67,17 +67,24 @@ def measure(spec: dict) -> dict:
         from ..models import shapes_of
 
         method = _method(spec)
-        plan = method.plan(shapes_of(model), spec["target_params"])
+        shapes = shapes_of(model)
+        target = spec["target_params"]
+        if target is None:  # a fixed-fraction method (full FT, HFT) plans its own share at this depth
+            target = round(type(method).fixed_fraction * shapes.total_params)
+        plan = method.plan(shapes, target)
         out["plan"] = plan.detail
         context = Context(batches=lambda n: iter({"input_ids": batches[i % 4], "labels": batches[i % 4]}
                                                  for i in range(n)),
                           loss=lambda m, b: _loss(m, b["input_ids"], device), device=device)
+        base_params = sum(p.numel() for p in model.parameters())
         mem.start()
         t0 = time.perf_counter()
         tuned = method.prepare(model, plan, context)
         out["prepare_s"] = time.perf_counter() - t0
         out["prepare_peak_bytes"] = mem.stop()
         model = tuned.model
+        # tensors the method adds beside the base weights (adapters, SMT's blocks, sparse deltas)
+        out["added_params"] = sum(p.numel() for p in model.parameters()) - base_params
         if spec.get("hub_kernels"):
             hub_kernels.check(model, spec["name"])
         if spec["name"] == REFERENCE:
@@ -92,10 +99,15 @@ def measure(spec: dict) -> dict:
     model.train()
     activations: dict = {}
 
-    def step(ids, measure_activations=False):
+    def step(ids, measure_activations=False, number=0):
+        """The trainer's step (smt_bench/trainer.py): the method's step hook, its loss term, backward, AdamW."""
+        nonlocal params
+        if tuned is not None and opt is not None and tuned.begin_step(number, opt):  # LISA's, HFT's, SpIEL's switches
+            params = tuned.trainable_parameters()
         with saved_activation_bytes(activations) if measure_activations else nullcontext():
             loss = _loss(model, ids, device)
-        loss.backward()
+            extra = tuned.regularizer() if tuned is not None else None
+        (loss if extra is None else loss + extra).backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -106,7 +118,7 @@ def measure(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        step(batches[i % 4], measure_activations=i == 0)
+        step(batches[i % 4], measure_activations=i == 0, number=i + 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -121,7 +133,7 @@ def measure(spec: dict) -> dict:
     measured.pop("activations_note", None)
     out["breakdown_bytes"] = measured
     if spec.get("profile") and spec["name"] in ("smt", FLOOR):
-        out["profile_top"] = _profile(lambda: step(batches[0]), device)
+        out["profile_top"] = _profile(lambda: step(batches[0], number=spec["steps"] + 1), device)
     return out
 
 
