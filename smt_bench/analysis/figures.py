@@ -605,6 +605,59 @@ def pareto(cells: pd.DataFrame, pal: Palette, title: str):
     return fig
 
 
+# --- 4b. forgetting beside accuracy -------------------------------------------------------------
+def forgetting(cells: pd.DataFrame, pal: Palette, title: str):
+    """Left: the held-out NLL change per budget (as accuracy_vs_params draws accuracy). Right: accuracy
+    against that change, one point per budget, each series joined in budget order. None without forgetting."""
+    ev = cells[(cells["n"] > 0) & (cells["forget_n"] > 0)] if "forget_n" in cells.columns else cells.iloc[:0]
+    if not len(ev):
+        return None
+    fig, axes = figure(11.0, 4.4, 1, 2)
+    left, right = axes[0, 0], axes[0, 1]
+    main = main_cells(ev)
+    ft = _ft(ev)
+    ref = _reference_method(ev)
+    drawn = [(m, s) for m, s in _ordered_series(main, pal) if m != ref]
+    styles = _styles(pal, drawn)
+    for k, (method, series) in enumerate(drawn):
+        c = main[main["series"] == series].sort_values("budget_fraction")
+        col = pal.color(method)
+        x = c["trainable_pct"].to_numpy() * dodge(k, len(drawn))
+        _errorbar(left, x, c["forget_mean"].to_numpy(), c["forget_ci"], col, *styles[series], short(series),
+                  zorder=3)
+        fx = c["forget_mean"].to_numpy(dtype=float)
+        fy = c["acc_mean"].to_numpy(dtype=float)
+        right.errorbar(fx, fy, xerr=np.nan_to_num(c["forget_ci"].to_numpy(dtype=float)),
+                       yerr=np.nan_to_num(c["acc_ci"].to_numpy(dtype=float)), color=col, marker=styles[series][0],
+                       ls=styles[series][1] if len(fx) > 1 else "none", lw=0.9, mfc=col, mec=col,
+                       ecolor=to_rgba(col, 0.4), elinewidth=0.8, capsize=2, zorder=3)
+    if ft is not None:
+        col = pal.color(ft["method"])
+        left.axhline(ft["forget_mean"], color=col, ls="--", lw=1.2, label=f"{ft['series']} (n={ft['forget_n']})")
+        if np.isfinite(ft["forget_ci"]):
+            left.axhspan(ft["forget_mean"] - ft["forget_ci"], ft["forget_mean"] + ft["forget_ci"], color=col,
+                         alpha=0.10, lw=0)
+        right.errorbar([ft["forget_mean"]], [ft["acc_mean"]], xerr=[np.nan_to_num(ft["forget_ci"])],
+                       yerr=[np.nan_to_num(ft["acc_ci"])], color=col, marker="*", ms=11, ls="none",
+                       ecolor=to_rgba(col, 0.5), elinewidth=0.8, capsize=2, zorder=4)
+    for ax in (left, right):
+        ax.axhline(0, color="#999999", lw=0.6, zorder=0) if ax is left else ax.axvline(0, color="#999999", lw=0.6,
+                                                                                      zorder=0)
+    _logx(left)
+    left.set_xlabel("trainable parameters (% of model, achieved; log scale)")
+    left.set_ylabel("held-out NLL change (nats; + = forgot)")
+    left.set_title("forgetting per budget", fontsize=9)
+    right.set_xlabel("held-out NLL change (nats; + = forgot)")
+    right.set_ylabel("mean accuracy (%)")
+    right.set_title("accuracy vs forgetting (each series joined in budget order)", fontsize=9)
+    handles, labels = left.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: not isinstance(handles[i], ErrorbarContainer))
+    fig_legend(fig, [handles[i] for i in order], [labels[i] for i in order])
+    fig.suptitle(fit(f"{title}: each method at its main settings (mean ± 95% CI over seeds)", fig.get_figwidth()),
+                 fontsize=10)
+    return fig
+
+
 # --- 5. published numbers ---------------------------------------------------------------------
 def published_overlay(groups: list[dict], pal: Palette):
     """groups: [{'title', 'published': DataFrame, 'cells': DataFrame of matching cells, 'note'}]."""
@@ -666,6 +719,14 @@ FIGURES = (  # per setting; methods add their own (registry.Contribution.figures
         "joins the points no other drawn point beats on both accuracy and peak memory, each labelled with its "
         "budget.",
         lambda s: pareto(s.cells, s.palette, s.label)),
+    registry.Figure(
+        "forgetting", "Forgetting beside accuracy",
+        "Each method at its main settings. Forgetting is the change of the mean token NLL on held-out general "
+        "text, tuned minus base model (`eval.forgetting.delta`, nats; positive: the model got worse at it). Left: "
+        "that change per trainable budget, full FT dashed with its band. Right: accuracy against it, one point "
+        "per budget (each series joined from its smallest budget to its largest), full FT a star; bars are 95% "
+        "t-intervals over seeds.",
+        lambda s: forgetting(s.cells, s.palette, s.label)),
     registry.Figure(
         "variants", "Each method's variants against its main series",
         "One panel per series that is not its method's main one (named by what differs from the main series): "

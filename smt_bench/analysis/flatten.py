@@ -76,6 +76,8 @@ def flatten(r: RunResult, file: str) -> dict:
     for task, v in sorted(acc.items()):
         row[f"acc.{task}"] = _num(v)
     row["tasks"] = ";".join(sorted(acc))
+    fg = ev.forgetting if ev is not None else None  # held-out NLL after − before (nats; positive: forgot)
+    row["forgetting_nll_delta"] = _num(fg.delta if fg is not None else None)
     row["eval_n"] = sum(v for v in ((ev.n if ev is not None else None) or {}).values() if isinstance(v, int))
     own = registry.contribution(row["method"])
     for c in registry.contributions():  # every contributed column on every row: one table schema

@@ -25,6 +25,13 @@ def acc(m, ci) -> str:
     return f"{m:.1f} ± {ci:.1f}" if np.isfinite(ci) else f"{m:.1f}"
 
 
+def forget(m, ci) -> str:
+    """A held-out NLL change in nats, signed, ± its 95% half-width (just the mean with one seed)."""
+    if not np.isfinite(m):
+        return "—"
+    return f"{m:+.3f} ± {ci:.3f}" if np.isfinite(ci) else f"{m:+.3f}"
+
+
 def pct(x) -> str:
     return fmt(x, ".4g")
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..result import RunInfo
 from .load import Loaded
-from .markdown import acc, anchor, pct, plural, table
+from .markdown import acc, anchor, forget, pct, plural, table
 from .registry import Figure, Setting
 from .stats import fmt, fmt_budget
 
@@ -101,6 +101,17 @@ def headline(s: Setting, figures: list[Figure]) -> list[str]:
             "range over the budgets. Every series, with its exact config, is under Details.", ""]
     out += table(["method", *[fmt_budget(b) for b in budgets], "peak memory / FT", "step time / FT", "plateau from"],
                  rows)
+    if "forget_n" in main.columns and (main["forget_n"] > 0).any():
+        rows = []
+        for series in order:
+            sc = main[main["series"] == series]
+            at = {b: r for b, r in zip(sc["budget_fraction"], sc.itertuples())}
+            rows.append([series, *[forget(at[b].forget_mean, at[b].forget_ci) if b in at else "" for b in budgets]])
+        out += ["**Forgetting beside accuracy**: the same cells' change of the mean token NLL on held-out general "
+                "text, tuned minus base model (nats, mean ± 95% t-interval over seeds; positive: forgot; "
+                "`eval.forgetting`). A method that learns the task while this stays near 0 kept more of the base "
+                "model.", ""]
+        out += table(["method", *[fmt_budget(b) for b in budgets]], rows)
     for n, f in enumerate(figures, 1):
         out += [f"**Figure {n}. {f.title}.** {f.caption}", "", figure_link(f.title, slug, f.stem), ""]
     return out

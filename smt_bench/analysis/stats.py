@@ -85,6 +85,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
                 row[col] = aggregate(g[col])
         for col in ("tokens_per_s", "median_step_time_s"):
             row[f"{col}_ci"] = mean_ci(g[col])[1]
+        row["forget_mean"], row["forget_ci"], row["forget_n"] = mean_ci(g["forgetting_nll_delta"])
         for col in acc_cols:
             row[col] = finite_mean(g[col])
         row["tasks"] = g["tasks"].iloc[0]
