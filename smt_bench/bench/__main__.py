@@ -125,7 +125,9 @@ def plan_jobs(cfg: DictConfig) -> tuple[list[dict], dict]:
             achieved = 0
             if method_cfg is not None:  # the floor has no method
                 method = _build(OmegaConf.create(method_cfg), "method")  # bad values: UserError, one line
-                target = round((fixed if frac is None else frac) * full.total_params)
+                share = frac if frac is not None else fixed
+                assert share is not None  # a budgeted method has frac; a fixed-fraction one its own share
+                target = round(share * full.total_params)
                 try:
                     plan = method.plan(full, target)
                 except BudgetUnreachable as e:  # LISA's whole layers at a small budget: a row that says so
