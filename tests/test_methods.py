@@ -27,6 +27,7 @@ STEPS = 20
 LR = {  # they train whole tensors; every other method: 1e-2
     "full_ft": 1e-3,
     "lisa": 1e-3,
+    "hft": 1e-3,
 }
 # tiny-llama: rank 11 (LoRA 15,488 / DoRA 16,128 trainable); LISA: one of the 2 layers (36,992);
 # SMT: 16 blocks of 32x32, all of q, k, v (16,384)
@@ -41,8 +42,12 @@ TRAINED_BY = {
     "rslora": ("lora_A", "lora_B"),
     "shira": ("shira_weight",),
     "miss": ("miss_block",),
+    "supertuning": ("supertuning_values",),
+    "kasa": ("lora_A", "lora_B", "lora_diag"),
+    "corda": ("lora_A", "lora_B"),
     "s2ft": ("delta",),
     "smt": ("blocks",),
+    "spiel": ("spiel_delta",),
 }
 
 
@@ -56,7 +61,20 @@ def _lisa_drawn(tuned, names: set[str]) -> set[str]:
 TRAINS_OWN = {
     "full_ft": lambda tuned, names: names,
     "lisa": _lisa_drawn,
+    "hft": lambda tuned, names: _hft_drawn(tuned, names),
 }
+
+
+def _hft_drawn(tuned, names: set[str]) -> set[str]:
+    """The non-layer tensors, and each layer's modules of any draw (report: per draw, per layer, module names)."""
+    rep = tuned.report()
+    drawn: set[tuple[int, str]] = set()
+    for d in rep["draws"]:
+        for i, modules in enumerate(d["layers"]):
+            drawn |= {(i, m) for m in modules}
+    prefix = rep["layers_at"] + "."
+    return {n for n in names if n in rep["always_trained"] or
+            n.startswith(prefix) and (int(n[len(prefix):].split(".")[0]), n.split(".")[-2]) in drawn}
 
 
 def test_every_method_is_covered():
