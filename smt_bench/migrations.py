@@ -75,6 +75,33 @@ def _smt_gradient_as_before(node: dict) -> dict:
     return {k: v for k, v in node.items() if not (k == "signal" and v == "gradient")}
 
 
+# method keys added after runs with the method existed, at the value that computes what those runs did:
+# hashed as absent there (ID_FORMS), read as that value from the old files (LEGACY)
+LISA_ADDED = {"optimizer_state": "reset"}  # reset: a leaving layer's Adam moments freed, as before the key
+S2FT_ADDED = {"allocation": "even",        # heads and channels spread evenly over the layers, as before the key
+              "ratios": None,              # the split by attn_share (null: by pool size), as before
+              "calibration_steps": 4}      # read only by the data-driven strategies, which came with it
+
+
+def _without(added: dict[str, Any]) -> Callable[[dict], dict]:
+    def form(node: dict) -> dict:
+        return {k: v for k, v in node.items() if not (k in added and v == added[k])}
+    return form
+
+
+def _lisa_as_before(node: dict) -> dict:
+    """LISA's `optimizer_state` (since 1467c03): runs from before it reset a leaving layer's moments, so `reset`
+    is hashed as if the key were absent."""
+    return _without(LISA_ADDED)(node)
+
+
+def _s2ft_as_before(node: dict) -> dict:
+    """S2FT's `allocation`, `ratios` and `calibration_steps` (since 1467c03): runs from before them spread the
+    units evenly, split the budget by attn_share and had no calibration pass, so those values are hashed as if
+    the keys were absent."""
+    return _without(S2FT_ADDED)(node)
+
+
 @dataclass(frozen=True)
 class IdForm:
     target: str                        # the method config's _target_
@@ -85,6 +112,8 @@ class IdForm:
 ID_FORMS = {f.target: f for f in (
     IdForm("smt_bench.methods.peft_methods.PeftTuner", _peft_lora_as_before, "de3f5a0"),
     IdForm("smt_bench.methods.smt.SMT", _smt_gradient_as_before, "2331b01"),
+    IdForm("smt_bench.methods.lisa.LISA", _lisa_as_before, "1467c03"),
+    IdForm("smt_bench.methods.s2ft.S2FT", _s2ft_as_before, "1467c03"),
 )}
 
 
@@ -109,6 +138,8 @@ LEGACY = (
     LegacyDefault("smt", "score_accumulation", "score_sum", "ac3b40e"),
     LegacyDefault("smt", "accumulator_device", "same", "ac3b40e"),
     LegacyDefault("smt", "signal", "gradient", "2331b01"),
+    *(LegacyDefault("lisa", k, v, "1467c03") for k, v in LISA_ADDED.items()),
+    *(LegacyDefault("s2ft", k, v, "1467c03") for k, v in S2FT_ADDED.items()),
 )
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {}
 for _d in LEGACY:

@@ -100,3 +100,40 @@ def test_result_files_of_older_versions_read_as_their_runs_were():
     full["config"]["budget"]["fraction"] = 0.01
     assert flatten(RunResult.from_json(full), "f")["budget_fraction"] == 1.0
     assert [r.since for r in migrations.FILE_RULES] == ["10a5d81", "82b34cf", "4daeaae"]
+
+
+@pytest.mark.parametrize("name", ["lisa", "s2ft"])
+def test_committed_lisa_and_s2ft_runs_keep_their_ids(name):
+    """LISA's optimizer_state and S2FT's allocation, ratios and calibration_steps came after these runs: today's
+    command for each committed run, at the keys' defaults (the behaviour those runs had), gives the run's id; the
+    same config hashed as it is (without the rule) would not."""
+    from omegaconf import OmegaConf
+
+    from smt_bench.__main__ import compose_config
+    from smt_bench.run import Prepared
+
+    runs = [json.loads(p.read_text()) for p in COMMITTED if p.name.startswith(f"{name}-")]
+    assert len(runs) >= 3
+    added = {"lisa": migrations.LISA_ADDED, "s2ft": migrations.S2FT_ADDED}[name]
+    for r in runs:
+        c = r["config"]
+        prep = Prepared(compose_config([f"method={name}", f"budget.fraction={c['budget']['fraction']}",
+                                        f"seed={c['seed']}"]))
+        assert prep.run_id == r["run_info"]["id"]
+        assert {k: prep.container["method"][k] for k in added} == added  # the defaults are the old behaviour
+        assert provenance.config_hash(prep.container) != r["run_info"]["id"]
+    # another value of a new key is another computation: another id
+    node = OmegaConf.to_container(compose_config([f"method={name}"]).method, resolve=True)
+    for key in added:
+        other = {**node, key: {"optimizer_state": "keep", "allocation": "model_wide", "ratios": [0.0, 1.0],
+                               "calibration_steps": 8}[key]}
+        assert migrations.id_form(other)[key] == other[key] and migrations.id_form(other) != migrations.id_form(node)
+
+
+def test_old_lisa_and_s2ft_files_read_as_the_defaults_that_reproduce_them():
+    """A committed LISA or S2FT file (written before the new keys) reads with the values its run had, so a run
+    made today at the defaults joins its series."""
+    for name, added in (("lisa", migrations.LISA_ADDED), ("s2ft", migrations.S2FT_ADDED)):
+        old = json.loads(next(p for p in COMMITTED if p.name.startswith(f"{name}-")).read_text())["config"]
+        assert not set(added) & set(old["method"])
+        assert migrations.with_legacy_defaults(old)["method"] == {**old["method"], **added}

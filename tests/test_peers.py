@@ -125,8 +125,8 @@ def test_lisa_budget_is_whole_layers():
     plan = LISA(name="lisa", lr=1e-4).plan(shapes, 80_000)
     assert plan.detail["layers"] == 2 and plan.achieved_params == 2 * 36_992
     with_emb = LISA(name="lisa", lr=1e-4, train_embeddings=True).plan(shapes, 3_200_000)
-    assert with_emb.detail["embedding_params"] == 49152 * 64  # tied: the embedding is the head
-    assert with_emb.achieved_params == 49152 * 64 + 1 * 36_992
+    assert with_emb.detail["non_layer_params"] == 49152 * 64 + 64  # tied embedding (= the head) and the final norm
+    assert with_emb.achieved_params == 49152 * 64 + 64 + 1 * 36_992
     with pytest.raises(BudgetUnreachable, match=r"γ would be 0\.27 layers of 36,992 params; valid γ 1\.\.4"):
         LISA(name="lisa", lr=1e-4).plan(shapes, 10_000)
 

@@ -1,11 +1,18 @@
 """LISA (Pan et al. 2024, LMFlow): layerwise importance sampling. Every K steps γ decoder layers, drawn
-uniformly without replacement, train whole; the others are frozen and hold neither gradients nor
-optimizer state (a layer's Adam moments are freed when it leaves the active set; drawn again, it starts
-afresh). The budget is the trainable count at any step: γ layers.
+uniformly without replacement, train whole; the others are frozen and hold no gradients. The budget is
+the trainable count at any step: γ layers (plus, with `train_embeddings`, every tensor outside the
+decoder layers).
 
-LISA's own default also trains the embeddings and the head at every step (`train_embeddings`); off
-here, since on SmolLM2 the (tied) embedding alone is ≈ 21% of the model and no small budget could be
-met. The draws depend only on (seed, period), so a resumed run draws the same layers.
+A layer's Adam moments when it leaves the active set (`optimizer_state`): `reset` (default) frees them, so
+only the active layers hold optimizer state and a layer drawn again starts afresh; `keep` is LMFlow's
+DynamicLayerActivationCallback, whose one AdamW (built over every parameter before the first draw) keeps
+each parameter's moments and step count in its state while the layer is frozen, so a layer drawn again
+continues from them, and the state grows towards full fine-tuning's as layers are drawn.
+
+LISA's own default also trains every non-layer tensor at every step (`train_embeddings`: embeddings, head,
+final norm, as LMFlow freezes only the layer list); off here, since on SmolLM2 the (tied) embedding alone
+is ≈ 21% of the model and no small budget could be met. The draws depend only on (seed, period), so a
+resumed run draws the same layers.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from torch import nn
 
 from ..errors import BudgetUnreachable, UserError
 from ..models import ModelShapes
-from ..schema.spec import count, optional, param
+from ..schema.spec import count, one_of, optional, param
 from .base import Context, Method, Plan, Tuned
 
 
@@ -31,20 +38,26 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise UserError(f"{type(model).__name__} has no list of decoder layers LISA could sample from")
 
 
+OPTIMIZER_STATES = ("reset", "keep")
+
+
 def _always(model: nn.Module) -> list[nn.Parameter]:
-    """Input embedding and head, once each (tied in SmolLM2)."""
-    out = {id(p): p for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-           for p in m.parameters()}
-    return list(out.values())
+    """Every parameter outside the decoder layers (embeddings, head, final norm), once each (a tied head is the
+    embedding): what LMFlow leaves trainable, as it freezes only the layer list."""
+    in_layers = {id(p) for p in decoder_layers(model).parameters()}
+    return [p for p in model.parameters() if id(p) not in in_layers]  # parameters() lists a tied tensor once
 
 
 @dataclass(frozen=True)
 class LISA(Method):
     # K: steps between draws (LMFlow's lisa_interval_steps, default 20; 5 fits the embedded 20-step run: 4 draws)
     switch_every: int = param(5, count(1))
-    # LISA's default: true (embeddings and head train at every step); on SmolLM2 the tied embedding alone is
-    # ~21% of the model
+    # LISA's default: true (every tensor outside the decoder layers trains at every step: embeddings, head,
+    # final norm); on SmolLM2 the tied embedding alone is ~21% of the model
     train_embeddings: bool = False
+    # a layer's Adam moments when it leaves the active set: reset (freed; drawn again, it starts afresh) | keep
+    # (LMFlow's: kept, and continued when the layer is drawn again; the state grows towards full FT's)
+    optimizer_state: str = param("reset", one_of(OPTIMIZER_STATES))
     sampling_seed: Optional[int] = param(None, optional(count(0), "(the run's seed)"))  # null: the run's seed
     parallel: ClassVar[str] = "allreduce"  # the trainable set changes; DDP fixes its buckets at wrap time
 
@@ -59,14 +72,14 @@ class LISA(Method):
         ideal = (target_params - fixed) / per_layer
         gamma = min(range(1, len(layers) + 1), key=lambda g: abs(fixed + g * per_layer - target_params))
         if ideal < 0.5 or ideal > len(layers) + 0.5:
-            emb = f" plus {fixed:,} of embeddings and head" if fixed else ""
+            emb = f" plus {fixed:,} outside the layers (embeddings, head, norm)" if fixed else ""
             raise BudgetUnreachable(f"budget of {target_params:,} params is unreachable for {self.name}: γ would be "
                             f"{ideal:.2f} layers of {per_layer:,} params{emb}; valid γ 1..{len(layers)} give "
                             f"{fixed + per_layer:,}..{fixed + len(layers) * per_layer:,} params; choose another "
                             f"budget" + ("" if fixed else " or method.train_embeddings=true for more"))
         return Plan(target_params, fixed + gamma * per_layer,
                     {"layers": gamma, "num_layers": len(layers), "per_layer_params": per_layer,
-                     "embedding_params": fixed, "switch_every": self.switch_every})
+                     "non_layer_params": fixed, "switch_every": self.switch_every})
 
     def prepare(self, model: nn.Module, plan: Plan, context: Context | None) -> "LISATuned":
         seed = self.sampling_seed if self.sampling_seed is not None else (context.seed if context else 0)
@@ -114,8 +127,10 @@ class LISATuned(Tuned):
         if self.draw(period) == self.active:
             self.draws[period] = list(self.active)
             return False
-        for p in self._activate(period):
-            optimizer.state.pop(p, None)  # only active layers hold Adam moments
+        leaving = self._activate(period)
+        if self.method.optimizer_state == "reset":
+            for p in leaving:
+                optimizer.state.pop(p, None)  # only active layers hold Adam moments
         return True
 
     def candidates(self) -> list[nn.Parameter]:
@@ -145,7 +160,7 @@ class LISATuned(Tuned):
             for n, t in tensors.items():
                 params[n].copy_(t)
         self.draws.update({int(k): v for k, v in meta["draws"].items()})
-        self._set_active(tuple(meta["active"]))  # the layers the optimizer state belongs to
+        self._set_active(tuple(meta["active"]))  # the layers the optimizer state belongs to (reset)
 
     def report(self) -> dict[str, Any]:
         k = self.method.switch_every
