@@ -90,13 +90,13 @@ def _without(added: dict[str, Any]) -> Callable[[dict], dict]:
 
 
 def _lisa_as_before(node: dict) -> dict:
-    """LISA's `optimizer_state` (since 1467c03): runs from before it reset a leaving layer's moments, so `reset`
+    """LISA's `optimizer_state` (since 5be51de): runs from before it reset a leaving layer's moments, so `reset`
     is hashed as if the key were absent."""
     return _without(LISA_ADDED)(node)
 
 
 def _s2ft_as_before(node: dict) -> dict:
-    """S2FT's `allocation`, `ratios` and `calibration_steps` (since 1467c03): runs from before them spread the
+    """S2FT's `allocation`, `ratios` and `calibration_steps` (since 5be51de): runs from before them spread the
     units evenly, split the budget by attn_share and had no calibration pass, so those values are hashed as if
     the keys were absent."""
     return _without(S2FT_ADDED)(node)
@@ -112,8 +112,8 @@ class IdForm:
 ID_FORMS = {f.target: f for f in (
     IdForm("smt_bench.methods.peft_methods.PeftTuner", _peft_lora_as_before, "de3f5a0"),
     IdForm("smt_bench.methods.smt.SMT", _smt_gradient_as_before, "2331b01"),
-    IdForm("smt_bench.methods.lisa.LISA", _lisa_as_before, "1467c03"),
-    IdForm("smt_bench.methods.s2ft.S2FT", _s2ft_as_before, "1467c03"),
+    IdForm("smt_bench.methods.lisa.LISA", _lisa_as_before, "5be51de"),
+    IdForm("smt_bench.methods.s2ft.S2FT", _s2ft_as_before, "5be51de"),
 )}
 
 
@@ -138,8 +138,8 @@ LEGACY = (
     LegacyDefault("smt", "score_accumulation", "score_sum", "ac3b40e"),
     LegacyDefault("smt", "accumulator_device", "same", "ac3b40e"),
     LegacyDefault("smt", "signal", "gradient", "2331b01"),
-    *(LegacyDefault("lisa", k, v, "1467c03") for k, v in LISA_ADDED.items()),
-    *(LegacyDefault("s2ft", k, v, "1467c03") for k, v in S2FT_ADDED.items()),
+    *(LegacyDefault("lisa", k, v, "5be51de") for k, v in LISA_ADDED.items()),
+    *(LegacyDefault("s2ft", k, v, "5be51de") for k, v in S2FT_ADDED.items()),
 )
 LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {}
 for _d in LEGACY:
