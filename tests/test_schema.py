@@ -33,7 +33,7 @@ CONTAINERS = {("Config", k) for k in ("model", "data", "logger", "method")} | {(
 
 
 # mappings of a library's own arguments (peft's config class builds and checks them: check_config)
-FREE_MAPPINGS = {("PeftTunerConfig", "args"), ("PeftTunerConfig", "scaled_args")}
+FREE_MAPPINGS = {(f"{cls}Config", key) for cls in ("PeftTuner", "CordaTuner") for key in ("args", "scaled_args")}
 
 
 def _leaves(node: DictConfig, at=""):
