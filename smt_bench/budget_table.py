@@ -25,8 +25,20 @@ BUDGETS = (0.005, 0.01, 0.02, 0.05)
 
 def _knobs(detail: dict) -> str:
     """The plan's size knobs, in a few words (the full plan is in the JSON)."""
-    keep = ("r", "blocks", "block_size", "heads", "channels", "layers", "lora_alpha")
+    keep = ("r", "sparsity", "blocks", "block_size", "heads", "channels", "layers", "lora_alpha", "entries")
     return ", ".join(f"{k}={detail[k]}" for k in keep if k in detail)
+
+
+def _fixed(method: str) -> float | None:
+    """A method's own budget (full FT 1.0, HFT 0.5): one row, whatever --budgets says."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    path = CONF / "method" / f"{method}.yaml"
+    if not path.exists():  # an unknown name: plan_row says so
+        return None
+    node = OmegaConf.load(path)
+    return getattr(get_class(node.get("method", node)["_target_"]), "fixed_fraction", None)
 
 
 def plan_row(model: str, method: str, fraction: float) -> dict:
@@ -78,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         rows = [plan_row(model, method, f) for model in a.models for method in a.methods
-                for f in ((1.0,) if method == "full_ft" else a.budgets)]
+                for f in ((fixed,) if (fixed := _fixed(method)) is not None else a.budgets)]
     except UserError as e:
         print(f"smt-bench: error: {e}", file=sys.stderr)
         sys.exit(2)

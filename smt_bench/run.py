@@ -140,7 +140,7 @@ class Prepared:
 
 
 def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int, dev: torch.device,
-                   world: World | None = None, accumulation: int = 1) -> Context:
+                   world: World | None = None, accumulation: int = 1, max_steps: int = 0) -> Context:
     """What a method's own pre-training phase (SMT's warm-up) uses: a stream of its own, seeded apart from
     the training stream, so the training batches do not depend on the method; each rank gets its share."""
     world = world or World.current()
@@ -155,7 +155,8 @@ def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int
         with autocast_for(dev):
             return forward_loss(m, batch)
 
-    return Context(batches=batches, loss=loss, device=dev, world=world, accumulation=accumulation, seed=seed)
+    return Context(batches=batches, loss=loss, device=dev, world=world, accumulation=accumulation, seed=seed,
+                   max_steps=max_steps)
 
 
 def _command() -> str:
@@ -449,7 +450,7 @@ class Recipe:
         self.stream = BatchStream(train_ex, tc.batch_size, tok.pad_token_id, seed=self.cfg.seed, rank=world.rank,
                                   world_size=world.world_size)
         self.context = method_context(train_ex, tc.batch_size, tok.pad_token_id, self.cfg.seed, self.dev, world,
-                                      tc.grad_accum)
+                                      tc.grad_accum, int(tc.max_steps))
 
     def prepare_method(self) -> None:
         """The method applied to the model (or rebuilt from the run's checkpoint), with its parallel strategy;

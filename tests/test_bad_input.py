@@ -96,7 +96,7 @@ CASES = {
                                     "train.batch_size=8"],
                          r"data=local has 3 training records, fewer than train\.batch_size=8; "),
     # --- method ------------------------------------------------------------------------------------
-    "unknown-method": (lambda t: [*TINY, "method=lorra"], r"unknown method 'lorra'; choose one of: dora, full_ft, lisa, lora"),
+    "unknown-method": (lambda t: [*TINY, "method=lorra"], r"unknown method 'lorra'; choose one of: corda, dora, full_ft, hft, kasa, lisa, lora"),
     "lr-zero": (lambda t: [*TINY, "method=lora", "method.lr=0"], r"method\.lr=0\.0: must be a number > 0"),
     "lr-negative-ft": (lambda t: [*TINY, "method=full_ft", "method.lr=-1e-5"], r"method\.lr=-1e-05: must be a number > 0"),
     "lr-text": (lambda t: [*TINY, "method=smt", "method.lr=fast"], r"method\.lr=fast: must be a number"),

@@ -156,7 +156,7 @@ def trained(request, _tiny_llama_pristine, tokenizer, examples, compose):
     train_ex, val_batch = examples
     device = torch.device("cpu")
     # the method's own batch stream (SMT's warm-up), as the app builds it
-    context = method_context(train_ex, 4, tokenizer.pad_token_id, seed=0, dev=device)
+    context = method_context(train_ex, 4, tokenizer.pad_token_id, seed=0, dev=device, max_steps=STEPS)
     torch.manual_seed(0)
     tuned = method.prepare(model, plan, context)
     assert sum(p.numel() for p in tuned.trainable_parameters()) == plan.achieved_params

@@ -46,6 +46,7 @@ class Context:
     world: World = field(default_factory=World)
     accumulation: int = 1  # micro-batches per rank in one optimizer step (train.grad_accum)
     seed: int = 0  # the run's seed, for a method's own random choices (S2FT's selection, LISA's layers)
+    max_steps: int = 0  # the run's optimizer steps (a schedule of the method's own: SpIEL's decaying rate); 0: unknown
 
 
 @dataclass(frozen=True)
