@@ -73,7 +73,8 @@ def measure(spec: dict) -> dict:
             target = round(type(method).fixed_fraction * shapes.total_params)
         plan = method.plan(shapes, target)
         out["plan"] = plan.detail
-        context = Context(batches=lambda n: iter({"input_ids": batches[i % 4], "labels": batches[i % 4]}
+        context = Context(batches=lambda n: iter({"input_ids": batches[i % 4], "labels": batches[i % 4],
+                                                  "attention_mask": torch.ones_like(batches[i % 4])}
                                                  for i in range(n)),
                           loss=lambda m, b: _loss(m, b["input_ids"], device), device=device)
         base_params = sum(p.numel() for p in model.parameters())
