@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo): DDP for LoRA and SMT, FSDP2 for full FT, gradient all-reduce for LISA.
+"""torchrun with 2 CPU processes (gloo): DDP for LoRA, SMT and CorDA, FSDP2 for full FT, gradient all-reduce for
+LISA, SpIEL and HFT.
 
 The contract: 2 ranks × batch 4 train the run that 1 process trains with batch 4 × grad_accum 2 (the
 same 8 sequences per step, each micro-batch's loss a mean over its own tokens). With DDP the curves are
@@ -117,7 +118,8 @@ def compared(tmp_path_factory):
     one, two, maps = root / "one", root / "two", root / "maps"
     ckpt = ["train.checkpoint_every=4"]
     runs = [(["-m", "method=full_ft,smt"], "term:6"), (["method=lora", "method.args.lora_dropout=0"], "kill:6"),
-            (["method=lisa", "budget.fraction=0.0115", "method.switch_every=3"], None)]  # resume: test_peers
+            (["method=lisa", "budget.fraction=0.0115", "method.switch_every=3"], None),  # resume: test_peers
+            (["-m", "method=spiel,hft,corda"], None)]  # the newer peers at their defaults (resume: their own tests)
     stopped, resumed = {}, []
     for args, fault in runs:
         p = _launch(root / "cwd", [*BASE, *args, "train.grad_accum=2", f"results.dir={one}"])
@@ -168,6 +170,35 @@ def test_lisa_on_2_ranks_is_bitwise_the_run_of_1_process(compared):
     draws = a["method_info"]["active_layers"]
     assert [d["from_step"] for d in draws] == [1, 4, 7] and draws == b["method_info"]["active_layers"]
     _same_run(a, b, _weights(pa), _weights(pb))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["spiel", "hft"])
+def test_a_changing_trainable_set_on_2_ranks_is_bitwise_the_run_of_1_process(compared, method):
+    """SpIEL reselects its entries (steps 3 and 8: a gradient window, drop and regrow from rank-reduced
+    statistics), HFT trains its drawn half: both all-reduce the gradients of what trains at each step."""
+    one, two, *_ = compared
+    (pa, a), (pb, b) = one[method], two[method]
+    assert b["train_info"]["distributed"]["strategy"] == "allreduce"
+    if method == "spiel":
+        assert [r["step"] for r in a["method_info"]["reselections"]] == [3, 8]
+        assert a["method_info"]["reselections"] == b["method_info"]["reselections"]
+    else:
+        assert a["method_info"]["draws"] == b["method_info"]["draws"]
+    _same_run(a, b, _weights(pa), _weights(pb))
+
+
+@pytest.mark.slow
+def test_corda_calibrates_on_2_ranks_as_1_process_to_summation_order(compared):
+    """The covariance is summed over ranks (another order than one process's: not bitwise), and every rank
+    takes rank 0's decomposition, so the ranks train one model."""
+    one, two, *_ = compared
+    (pa, a), (pb, b) = one["corda"], two["corda"]
+    assert b["train_info"]["distributed"]["strategy"] == "ddp"
+    la, lb = a["train_info"]["loss_curve"], b["train_info"]["loss_curve"]
+    assert len(la) == len(lb) == 8 and max(abs(x - y) for x, y in zip(la, lb)) <= 1e-4
+    wa, wb = _weights(pa), _weights(pb)
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-4
 
 
 @pytest.mark.slow
