@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        fixed = {method: _fixed(method) for method in a.methods}
-        rows = [plan_row(model, method, f) for model in a.models for method in a.methods
-                for f in ((fixed[method],) if fixed[method] is not None else a.budgets)]
+        budgets: dict[str, list[float]] = {}
+        for method in a.methods:
+            own = _fixed(method)
+            budgets[method] = [own] if own is not None else list(a.budgets)
+        rows = [plan_row(model, method, f) for model in a.models for method in a.methods for f in budgets[method]]
     except UserError as e:
         print(f"smt-bench: error: {e}", file=sys.stderr)
         sys.exit(2)
