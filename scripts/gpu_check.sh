@@ -2,7 +2,8 @@
 # The GPU check, to run from the repository root on a machine with an NVIDIA GPU: the kernel tests with the
 # Triton kernels compiled (TRITON_INTERPRET=0; bf16 included, in test_triton_compiled_on_gpu_incl_bf16), the
 # kernel benchmark at LLaMA-7B layer shapes, SMT trained with kernels=triton vs torch
-# (scripts/gpu_train_check.py), and smt_bench.bench (every method at LLaMA-7B shape, bf16 autocast).
+# (scripts/gpu_train_check.py), smt_bench.bench (every method at LLaMA-7B shape, bf16 autocast), and the device
+# profile the forecast refines its vendor figures with (device_profile.json: matmul TFLOP/s, bandwidth, memory).
 #   bash scripts/gpu_check.sh        (writes to $OUT, else outputs/gpu; copy what it measured to results/gpu/ to commit it)
 #
 # It needs Python with torch, triton, pytest, transformers and peft, and does not install the project:
@@ -44,6 +45,11 @@ export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 } > "$OUT_DIR/device.txt" 2>&1
 cat "$OUT_DIR/device.txt"
 
+# what the forecast needs of this card (smt_bench/forecast/measure.py): bf16 matmul throughput, copy bandwidth,
+# memory; `python -m smt_bench.forecast ... forecast.profile=$OUT_DIR/device_profile.json` uses it
+"$PY" -m smt_bench.forecast.measure --out "$OUT_DIR" $([ "$SMOKE" = 1 ] && echo --smoke) 2>&1 | tee "$OUT_DIR/device_profile.log"
+profile_rc=${PIPESTATUS[0]}
+
 # -o addopts= drops the project's pytest options (pytest-timeout may be absent there); -p no:cacheprovider
 # keeps the tree clean
 if [ "$SMOKE" = 1 ]; then
@@ -77,5 +83,5 @@ fi
 
 rm -rf "$shim"
 echo "gpu_check: kernel tests exit $tests_rc, kernel bench exit $bench_rc, train check exit $train_rc," \
-  "methods bench exit $methods_rc; files in $OUT_DIR"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ] && [ "$methods_rc" -eq 0 ]
+  "methods bench exit $methods_rc, device profile exit $profile_rc; files in $OUT_DIR"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$train_rc" -eq 0 ] && [ "$methods_rc" -eq 0 ] && [ "$profile_rc" -eq 0 ]

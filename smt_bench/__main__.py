@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections import Counter
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from .summary import Job
 from hydra_plugins.smt_bench_launchers import Ended, SubmissionRefused, TasksEnded  # noqa: E402  (after register)
 
 if TYPE_CHECKING:
-    from .run import Prepared
+    from .run import Prepared, Shared
 
 register()  # the config schema, before Hydra composes anything
 
@@ -182,6 +183,55 @@ def compose_config(overrides: list[str], hydra: bool = False):
         GlobalHydra.instance().clear()
 
 
+def _value_override(o, conf: Path = CONF) -> bool:
+    """A plain `key=value` override of a key (not a config group, not +, ++ or ~, not Hydra's own node): it
+    only sets a value once the config is composed, so jobs that differ only in such keys compose alike."""
+    key = o.key_or_group
+    return (o.package is None and not (o.is_add() or o.is_delete() or o.is_force_add()) and "/" not in key
+            and not key.startswith("hydra") and not (conf / key).is_dir())
+
+
+def _apply_values(values: list, cfg: DictConfig) -> None:
+    """Plain `key=value` overrides applied to a composed config as Hydra applies them after composing the defaults
+    (OmegaConf.update with merge, in order), with Hydra's errors for a key that is not there or a bad value."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    for o in values:
+        try:
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+        except (ConfigAttributeError, ConfigKeyError) as e:
+            raise ConfigCompositionException(f"Could not override '{o.key_or_group}'.\nTo append to your config use "
+                                             f"+{o.input_line}") from e
+        except OmegaConfBaseException as e:
+            raise ConfigCompositionException(f"Error merging override {o.input_line}") from e
+
+
+def compose_jobs(points: list[list[str]]) -> list[DictConfig]:
+    """Every job's config, as compose_config(job) would give it, composed once per distinct choice of config
+    groups: a sweep's jobs that differ only in values (seed=0,1,2, budget.fraction=...) take a copy of that
+    composition with their values applied as Hydra applies them (_apply_values). What Hydra composes from the
+    config groups is the same for them; only the values differ."""
+    import copy
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    bases: dict[tuple[str, ...], DictConfig] = {}
+    out = []
+    for job in points:
+        parsed = parser.parse_overrides(job)
+        values = [o for o in parsed if _value_override(o)]
+        groups = tuple(o.input_line for o in parsed if not _value_override(o))
+        if groups not in bases:
+            bases[groups] = compose_config(list(groups))
+        cfg = copy.deepcopy(bases[groups])
+        _apply_values(values, cfg)
+        out.append(cfg)
+    return out
+
+
 def sweep_points(argv: list[str]) -> list[list[str]]:
     """The override list of every job Hydra will launch for this command line (one if not a sweep): the
     basic sweeper's grid, built with Hydra's public override parser (the config's `hydra.sweeper.params`,
@@ -241,32 +291,38 @@ class Plan:
     skipped: list[str] = field(default_factory=list)
     multirun: bool = False
     prepared: dict[str, Prepared] = field(default_factory=dict)
+    all_prepared: list[Prepared] = field(default_factory=list)  # preflight(keep=True): every job's, in order
+    world_size: int | None = None  # the ranks each job will have where the launcher starts them
+    shared: "Shared | None" = None  # what the jobs shared (run.Shared), with what it computed
 
 
-def preflight(argv: list[str]) -> Plan:
+def preflight(argv: list[str], keep: bool = False) -> Plan:
     """Validate every job of a sweep before the first one trains (no half-finished sweeps on bad input); bad
-    input exits 2 with one line."""
+    input exits 2 with one line. What the jobs share (the model's shapes, the data, each cell's plan) is computed
+    once (run.Shared). `keep`: every job's Prepared in `Plan.all_prepared`, whichever launcher runs it (the
+    forecast reads them)."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from .results import finished
-    from .run import Prepared
+    from .run import Prepared, Shared
     from .schema.validate import error_line
 
     try:  # a mistyped value or key, or an unquoted list, would otherwise end in a traceback with exit 1
         points, multirun, hcfg = _grid(argv)
-        cfgs = [compose_config(job) for job in points]
+        cfgs = compose_jobs(points)
         world_size = planned_world_size(argv, hcfg)
     except (ConfigCompositionException, OverrideParseException) as e:
         _fail(error_line(e))
     in_process = not multirun or "BasicLauncher" in _launcher(hcfg)  # else each job runs in a process of its own
-    plan, skipped = Plan(multirun=multirun), []
-    varying = {o.split("=", 1)[0] for job in points for o in job if any(o not in other for other in points)}
-    splits: dict = {}  # jobs with the same data config share its records
+    plan, skipped = Plan(multirun=multirun, world_size=world_size), []
+    seen = Counter(o for job in points for o in set(job))  # an override not in every job tells jobs apart
+    varying = {o.split("=", 1)[0] for o, n in seen.items() if n < len(points)}
+    shared = plan.shared = Shared()  # what depends only on the model, the data or a (method, budget, model) cell
     for overrides, cfg in zip(points, cfgs):
         swept = [o for o in overrides if o.split("=", 1)[0] in varying]  # what tells this job from the others
         key = job_key(cfg)
         try:
-            prep = Prepared(cfg, world_size, splits=splits)
+            prep = Prepared(cfg, world_size, shared=shared)
         except BudgetUnreachable as e:
             if "method" not in varying:  # one method's own budget list: a point it cannot meet is bad input
                 _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
@@ -275,6 +331,8 @@ def preflight(argv: list[str]) -> Plan:
         except UserError as e:
             _fail(f"sweep job {' '.join(swept)}: {e}" if len(points) > 1 else str(e))
         plan.jobs.append(Job(swept, prep.path, finished(prep.path)))
+        if keep:
+            plan.all_prepared.append(prep)
         plan.results_dirs.append(str(cfg.results.dir))
         plan.lease_s.append(float(cfg.results.lease_s))
         if in_process:
@@ -313,6 +371,10 @@ def main() -> None:
         print(help_text())
         return
     check_group_choices(argv)
+    forecast = [a for a in argv if a.startswith("forecast.")]
+    if forecast:  # the forecast's own settings, on the training command: say where they go
+        _fail(f"{forecast[0]}: a setting of the forecast, not of a run; run `python -m smt_bench.forecast` with the "
+              f"same overrides (docs/forecast.md)")
     if any(a in ("--cfg", "-c", "--info", "--hydra-help") or a.startswith("--cfg") for a in argv):
         app()
         return

@@ -199,6 +199,32 @@ class MemoryBreakdown(Part):
     activations_note: TextOrNull = Field(None, description="how `activations` was measured")
 
 
+class ForecastInfo(Part):
+    """What the forecast (smt_bench/forecast/, docs/forecast.md) said of this run before it trained, from its
+    shapes, plan and token lengths, beside what it measured: `peak_memory_bytes`, `median_step_time_s` and
+    `prepare_peak_memory_bytes` compare with train_info's keys of the same names."""
+    version: Text = Field(description="the forecast's version (`smt-bench forecast N`)")
+    device: TextOrNull = Field(None, description="the device profile it used (the run's own device)")
+    peak_memory_bytes: NumberOrNull = Field(None, description="forecast peak above the loaded model, the fullest "
+                                                              "rank's (as train_info.peak_memory_bytes)")
+    total_memory_bytes: NumberOrNull = Field(None, description="forecast peak with the base weights")
+    phase: TextOrNull = Field(None, description="the step's phase at the forecast peak (loss, forward temporary, end "
+                                                "of backward, optimizer step)")
+    memory_breakdown_bytes: Optional[Obj] = Field(None, description="the forecast peak by part (weights, added, "
+                                                                    "gradients, optimizer, optimizer_step, "
+                                                                    "activations, logits, cast_copies, method, "
+                                                                    "parallel, overhead, ...)")
+    prepare_peak_memory_bytes: NumberOrNull = Field(None, description="forecast peak of the method's own phase (SMT's "
+                                                                      "warm-up), as train_info's")
+    median_step_time_s: NumberOrNull = Field(None, description="forecast seconds per optimizer step (null: no "
+                                                               "profile of this device)")
+    flops_per_step: NumberOrNull = Field(None, description="forecast FLOPs of one optimizer step, one rank")
+    seq_len: Optional[Obj] = Field(None, description="the sequence lengths counted: `memory` (the longest the run is "
+                                                     "expected to draw) and `time` (a batch's expected longest)")
+    notes: Optional[List] = Field(None, description="where the forecast is approximate for this method")
+    error: TextOrNull = Field(None, description="why there is no forecast (it never stops a run)")
+
+
 class TrainInfo(Part):
     """In the order a run writes them; the keys marked required are what the statistics use."""
     steps: IntOrNull = Field(None, description="optimizer steps")
@@ -237,6 +263,8 @@ class TrainInfo(Part):
                                                          "fsdp2), `per_rank_batch`, `grad_accum`, `global_batch`; "
                                                          "older files: one process")
     global_batch: IntOrNull = Field(None, description="sequences per optimizer step over every rank")
+    forecast: Optional[ForecastInfo] = Field(None, description="what the forecast said of this run before it "
+                                                               "trained (below); absent in older files")
 
 
 class Forgetting(Part):
@@ -396,7 +424,8 @@ def first_problem(e: ValidationError) -> str:
 
 # --- the schema page ---------------------------------------------------------------------------
 SECTIONS = (("run_info", RunInfo), ("run_info.attempts[]", Attempt), ("meta_info", MetaInfo), ("train_info", TrainInfo),
-            ("train_info.memory_breakdown_bytes", MemoryBreakdown), ("eval", Evaluation),
+            ("train_info.memory_breakdown_bytes", MemoryBreakdown), ("train_info.forecast", ForecastInfo),
+            ("eval", Evaluation),
             ("eval.forgetting", Forgetting), ("summary", Summary))
 
 
@@ -457,8 +486,8 @@ def schema_page() -> str:
     out += _table(RunResult)
     for name, model in SECTIONS:
         out += ["", f"## `{name}`", ""]
-        if model.__doc__ and model is Summary:
-            out += [model.__doc__, ""]
+        if model.__doc__ and model in (Summary, ForecastInfo):
+            out += [" ".join(model.__doc__.split()), ""]
         out += _table(model)
     return "\n".join(out) + "\n"
 

@@ -5,6 +5,7 @@ before weights load; a failure there raises UserError and nothing is written.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +31,12 @@ from .data.batches import BatchStream, collate, encode
 from .data.bundled import BundledSuite
 from .distributed import World, cuda_index
 from .distributed import init as init_world
-from .errors import UserError
+from .errors import BudgetUnreachable, UserError
 from .lease import Lease, RunHeld, scheduler_job
 from .loggers import Logger, NullLogger
 from .memory import PeakMemory
-from .methods.base import Context
-from .models import meta_shapes
+from .methods.base import Context, Plan
+from .models import ModelShapes, meta_shapes
 from .parallel import strategy_for
 from .preemption import Preempted, TimedOut
 from .result import (SCHEMA_VERSION, Attempt, Evaluation, MetaInfo, RunInfo, RunResult, SchemaError, Summary,
@@ -83,13 +85,39 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+class Shared:
+    """What the jobs of one sweep share, computed once per sweep instead of once per job: the data splits (by
+    data config), the model's meta-device shapes (by model source), the method's budget plan (by method config,
+    target and model: a seed never changes it), the evaluation plan (by eval config and data). `computed` counts
+    each kind of work actually done (the preflight's cost grows with distinct models and cells, not jobs)."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        self.splits: dict[str, Any] = {}
+        self.shapes: dict[str, ModelShapes] = {}
+        self.plans: dict[str, Plan | BaseException] = {}
+        self.evals: dict[str, Any] = {}
+        self.computed: Counter[str] = Counter()
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        """A key for resolved config values (dicts, lists, scalars): equal values, equal keys."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()
+
+
 class Prepared:
     """Everything validated and decided before any weights load.
 
     `world_size` is the number of ranks the run will have (default: this process's world); it is part
-    of the run's identity: the same config on 1 and on 4 ranks trains with different global batches."""
+    of the run's identity: the same config on 1 and on 4 ranks trains with different global batches.
+    `shared`: what the other jobs of the sweep already computed (Shared); `splits` (older callers): the data
+    splits alone."""
 
-    def __init__(self, cfg: DictConfig, world_size: int | None = None, splits: dict | None = None):
+    def __init__(self, cfg: DictConfig, world_size: int | None = None, splits: dict | None = None,
+                 shared: Shared | None = None):
         try:
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as e:
@@ -116,13 +144,21 @@ class Prepared:
         self.device = _device(cfg.device, self.world)
         self.path = run_file(cfg.results.dir, cfg.results.group, self.method.name, float(frac), cfg.seed, self.run_id,
                              cfg.results.get("tag"))
-        self.shapes = meta_shapes(self.source.hf_config())
-        self.target = round(frac * self.shapes.total_params)
-        self.plan = self.method.plan(self.shapes, self.target)
-        data_key = provenance.config_hash(self.container["data"])  # a sweep's jobs share equal data (`splits`)
-        self.splits = splits[data_key] if splits is not None and data_key in splits else self.data.load()
+        shared = shared if shared is not None else Shared()
         if splits is not None:
-            splits[data_key] = self.splits
+            shared.splits = splits
+        model_key = Shared.key(self.container["model"]["source"])
+        if model_key not in shared.shapes:
+            shared.computed["shapes"] += 1
+            shared.shapes[model_key] = meta_shapes(self.source.hf_config())
+        self.shapes = shared.shapes[model_key]
+        self.target = round(frac * self.shapes.total_params)
+        self.plan = self._plan(shared, model_key)
+        data_key = provenance.config_hash(self.container["data"])  # a sweep's jobs share equal data
+        if data_key not in shared.splits:
+            shared.computed["data"] += 1
+            shared.splits[data_key] = self.data.load()
+        self.splits = shared.splits[data_key]
         batch = cfg.train.batch_size
         if len(self.splits.train) < batch:  # (truncation to max_len may drop more, found once tokenised)
             raise UserError(f"data={cfg.data.name} has {len(self.splits.train)} training records, fewer than "
@@ -131,12 +167,33 @@ class Prepared:
         if cfg.eval.enabled:  # the suite's tasks, local test files, caps and hub access, checked now
             from .evaluation.suites import plan_suite
 
-            self.eval_plan = plan_suite(cfg.eval, self.splits.test, isinstance(self.data, BundledSuite),
-                                        cfg.data.name)
+            eval_key = Shared.key(self.container["eval"], data_key)
+            if eval_key not in shared.evals:
+                shared.computed["eval"] += 1
+                shared.evals[eval_key] = plan_suite(cfg.eval, self.splits.test, isinstance(self.data, BundledSuite),
+                                                    cfg.data.name)
+            self.eval_plan = shared.evals[eval_key]  # read-only: the harness only reads its plan
         # the result, its samples and exports go beside each other: an unwritable place fails now, not
         # after training and evaluation (rank 0 writes them all)
         if self.world.is_main:
             probe_writable(self.path.parent, "results.dir", cfg.results.dir)
+
+    def _plan(self, shared: Shared, model_key: str) -> Plan:
+        """The method's plan on meta shapes, once per (method config, target, model) in a sweep. Planning runs
+        with the meta device as the default: a plan reads shapes only, so whatever tensors it builds (a peft
+        tuner injected to count its parameters) hold no memory and take no time to initialise."""
+        key = Shared.key(self.container["method"], self.target, model_key)
+        if key not in shared.plans:
+            shared.computed["plan"] += 1
+            try:
+                with torch.device("meta"):
+                    shared.plans[key] = self.method.plan(self.shapes, self.target)
+            except (UserError, BudgetUnreachable) as e:  # the same answer for every job of this cell
+                shared.plans[key] = e
+        plan = shared.plans[key]
+        if isinstance(plan, BaseException):
+            raise plan.with_traceback(None)
+        return copy.deepcopy(plan)  # each job's own (a method may keep facts in its detail)
 
 
 def method_context(train_ex: list[dict], batch_size: int, pad_id: int, seed: int, dev: torch.device,
@@ -441,6 +498,7 @@ class Recipe:
         """Tokenised training and validation sets, the training stream and the method's own stream."""
         tc, tok, world, prep = self.tc, self.tok, self.world, self.prep
         train_ex = encode(prep.splits.train, tok, tc.max_len, tc.train_on_inputs)
+        self.lengths = [len(ex["input_ids"]) for ex in train_ex]  # what the run's own forecast counts with
         val_ex = encode(prep.splits.val, tok, tc.max_len, tc.train_on_inputs)
         self.val_batches = [collate(val_ex[i:i + tc.batch_size], tok.pad_token_id)
                             for i in range(0, len(val_ex), tc.batch_size)][: tc.val_batches]
@@ -480,6 +538,10 @@ class Recipe:
         if self.n_trainable != prep.plan.achieved_params:
             raise RuntimeError(f"{prep.method.name} planned {prep.plan.achieved_params} trainable params "
                                f"but the model has {self.n_trainable}")
+        from .forecast.record import for_run
+
+        # what the forecast says of this run, from its shapes, plan and token lengths: recorded beside what it measures
+        self.forecast = for_run(prep, self.lengths, int(self.tc.max_steps), world.world_size, self.parallel.name)
 
     def train(self) -> bool:
         """The training loop (checkpoints through the heartbeat); then the whole, plain model on rank 0.
@@ -514,6 +576,7 @@ class Recipe:
             "prepare_peak_memory_bytes": self.prepare_peak,
             "distributed": world.describe(self.parallel.name, tc.batch_size, tc.grad_accum),
             "global_batch": tc.batch_size * tc.grad_accum * world.world_size,
+            "forecast": self.forecast,
         })
         self.method_report = dict(self.tuned.report())
         if self.cfg.results.export:  # beside the result file, named like it

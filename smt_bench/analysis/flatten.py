@@ -39,6 +39,18 @@ def flatten_config(cfg, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def forecast_columns(ti) -> dict:
+    """What the run's own forecast said (train_info.forecast), beside what it measured: only for runs that recorded
+    one, so a table of runs from before the forecast keeps its columns (pandas fills NaN where a run has none)."""
+    fc = ti.forecast if ti is not None else None
+    if fc is None or fc.error is not None:
+        return {}
+    return {"forecast_peak_memory_bytes": _num(fc.peak_memory_bytes),
+            "forecast_step_time_s": _num(fc.median_step_time_s),
+            "forecast_prepare_peak_memory_bytes": _num(fc.prepare_peak_memory_bytes),
+            "prepare_peak_memory_bytes": _num(ti.prepare_peak_memory_bytes), "forecast_device": str(fc.device or "")}
+
+
 def flatten(r: RunResult, file: str) -> dict:
     """One row: the run's identity and the numbers the statistics use, read from its RunResult (an older file
     was upgraded to this version's form on reading: smt_bench/migrations.py)."""
@@ -71,6 +83,7 @@ def flatten(r: RunResult, file: str) -> dict:
     mb = ti.memory_breakdown_bytes if ti is not None else None
     for part in MEMORY_PARTS:
         row[f"mem_{part}"] = _num(getattr(mb, part) if mb is not None else None)
+    row.update(forecast_columns(ti))
     acc = ev.accuracy if ev is not None else {}
     row["mean_accuracy"] = _num(ev.mean_accuracy if ev is not None else None)
     for task, v in sorted(acc.items()):

@@ -17,7 +17,8 @@ from . import figures as F
 from . import registry
 from .load import AnalysisError, Loaded, load
 from .published import load_published, published_groups, published_section
-from .sections import conventions, details, failures_section, header, headline, provenance_section
+from .sections import (conventions, details, failures_section, forecast_section, header, headline,
+                       provenance_section)
 from .stats import cells as make_cells, detect_plateau, pareto_front, reference_method, select_runs
 
 
@@ -69,6 +70,7 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
 
     lines += detail_lines
     lines += published_section(groups, pub_rows)
+    lines += forecast_section(loaded)
     lines += failures_section(loaded, duplicates)
     lines += conventions(opts)
     lines += provenance_section(loaded)

@@ -226,6 +226,41 @@ def figure_link(title: str, slug: str, stem: str) -> str:
     return f"![{title}](figures/{slug}/{stem}.png) ([PDF](figures/{slug}/{stem}.pdf))"
 
 
+def _spread(e) -> str:
+    """Errors in %: the median and the range."""
+    return "—" if not len(e) else f"{np.median(e):+.1f}% ({np.min(e):+.1f}..{np.max(e):+.1f})"
+
+
+def forecast_section(loaded: Loaded) -> list[str]:
+    """The forecast's error per method (docs/forecast.md): each finished run's recorded forecast against what it
+    measured (peak memory above the loaded model, median step time, the method's own phase); nothing for runs
+    from before the forecast."""
+    runs = loaded.runs
+    if "forecast_peak_memory_bytes" not in runs.columns:
+        return []
+    done = runs[(runs["status"] == "finished") & runs["forecast_peak_memory_bytes"].notna()]
+    if not len(done):
+        return []
+
+    def err(f, m):
+        ok = np.isfinite(f) & np.isfinite(m) & (m > 0)
+        return (f[ok] / m[ok] - 1) * 100
+
+    rows = []
+    for (method, device), g in sorted(done.groupby(["method", "forecast_device"]), key=lambda kv: kv[0]):
+        mem = err(g["forecast_peak_memory_bytes"].to_numpy(float), g["peak_memory_bytes"].to_numpy(float))
+        step = err(g["forecast_step_time_s"].to_numpy(float), g["median_step_time_s"].to_numpy(float))
+        prep = err(g["forecast_prepare_peak_memory_bytes"].to_numpy(float),
+                   g["prepare_peak_memory_bytes"].to_numpy(float))
+        rows.append([method, device or "—", str(len(g)), _spread(mem), _spread(step), _spread(prep)])
+    return ["## Forecast vs measured", "",
+            "What each run's own forecast (`train_info.forecast`, recorded before it trained) said against what it "
+            "measured: the error (forecast / measured − 1) as the median over the runs (range): peak memory above the "
+            "loaded model, median step time, the method's own phase before training (a warm-up). Positive: the "
+            "forecast was above. See docs/forecast.md.", ""] + \
+        table(["method", "device", "runs", "peak memory", "step time", "own phase"], rows)
+
+
 def failures_section(loaded: Loaded, duplicates) -> list[str]:
     out = ["## Runs left out", "", "### Runs that did not finish", "",
            "Not in the statistics. Detail: where a diverged run stopped, the batch size an OOM ran with, the last "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from torch import nn
 from ..distributed import World
 from ..models import ModelShapes
 from ..schema.spec import REQUIRED, above, at_least, check_fields, nonempty, param
+
+if TYPE_CHECKING:
+    from ..forecast.model import Cost
 
 
 @dataclass
@@ -70,6 +73,16 @@ class Method:
 
     def prepare(self, model: nn.Module, plan: Plan, context: Context) -> "Tuned":
         raise NotImplementedError
+
+    def cost(self, shapes: ModelShapes, plan: Plan) -> "Cost":
+        """What a training step of this method costs beyond the frozen model, for the forecast
+        (smt_bench/forecast/): its trainable and added parameters, what its modules save for backward, its own
+        FLOPs and temporaries, its phase before training (model.Cost). Default: generic terms from the trainable
+        count, read as base weights that train (smt_bench/forecast/costs.py default_cost; approximate for a
+        method that adds tensors of its own, exact for full FT). A method states its own by overriding this."""
+        from ..forecast.costs import default_cost
+
+        return default_cost(self, shapes, plan)
 
     def resume(self, model: nn.Module, plan: Plan, context: Context, state: dict[str, torch.Tensor],
                meta: dict[str, Any]) -> "Tuned":

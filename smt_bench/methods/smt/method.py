@@ -4,7 +4,7 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from .scoring import ACCUMULATIONS, ACCUMULATOR_DEVICES, SCORES
 from .selection import SELECTIONS, select
 from .tuned import PROJ, SMTTuned
 from .warmup import run_warmup
+
+if TYPE_CHECKING:
+    from ...forecast.model import Cost
 
 SIBLINGS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # modules that read one input
 WARMUP_MODES = ("score_only", "update")
@@ -107,6 +110,12 @@ class SMT(Method):
                             f"only {total} blocks of {B}x{B}; lower the budget or add method.projections")
         return Plan(target_params, k * B2, {"block_size": B, "blocks": k, "eligible_blocks": total,
                                             "eligible_params": total * B2})
+
+    def cost(self, shapes: ModelShapes, plan: Plan) -> "Cost":
+        """Its step's and warm-up's cost terms for the forecast (smt_bench/methods/smt/cost.py)."""
+        from .cost import smt_cost
+
+        return smt_cost(self, shapes, plan)
 
     # --- prepare: warm-up, selection, block-sparse layers ---
     def _linears(self, model: nn.Module) -> dict[str, nn.Linear]:
