@@ -150,3 +150,21 @@ class Tuned:
     def merged(self) -> nn.Module:
         """A plain HF model with the tuning folded in. Call last: it may consume the tuned model."""
         return self.model
+
+
+class SwitchingTuned(Tuned):
+    """A Tuned whose trainable set changes during training (LISA's layers, HFT's draws): the optimizer is built
+    over every parameter that may train (`candidates`), and AdamW skips, and holds no state for, those without a
+    gradient; a checkpoint holds every candidate, since each may have trained by then."""
+
+    def candidates(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def build_optimizer(self, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.candidates(), lr=self.method.lr, betas=tuple(betas), eps=eps,
+                                 weight_decay=self.method.weight_decay, foreach=True)
+
+    def candidate_names(self) -> dict[str, nn.Parameter]:
+        ids = {id(p) for p in self.candidates()}
+        return {n: p for n, p in self.model.named_parameters() if id(p) in ids}
+

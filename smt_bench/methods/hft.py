@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch import nn
 from ..errors import UserError
 from ..models import ModelShapes
 from ..schema.spec import count, one_of, optional, param
-from .base import Context, Method, Plan, Tuned
+from .base import Context, Method, Plan, SwitchingTuned
 from .lisa import decoder_layers
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -131,7 +131,7 @@ class HFT(Method):
 Selection = list[list[str]]  # per layer, the short names of the modules that train
 
 
-class HFTTuned(Tuned):
+class HFTTuned(SwitchingTuned):
     method: HFT
 
     def __init__(self, method: HFT, model: nn.Module, seed: int) -> None:
@@ -206,23 +206,14 @@ class HFTTuned(Tuned):
         ids = {id(p) for p in [*self.always, *self.layout.layers.parameters()]}
         return [p for p in self.model.parameters() if id(p) in ids]
 
-    def build_optimizer(self, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        """Over every matrix that may be drawn: AdamW skips (and holds no state for) those without a gradient."""
-        return torch.optim.AdamW(self.candidates(), lr=self.method.lr, betas=tuple(betas), eps=eps,
-                                 weight_decay=self.method.weight_decay, foreach=True)
-
-    # --- checkpoints: every drawn matrix may have trained by now ---
-    def _names(self) -> dict[str, nn.Parameter]:
-        ids = {id(p) for p in self.candidates()}
-        return {n: p for n, p in self.model.named_parameters() if id(p) in ids}
-
+    # --- checkpoints: every candidate may have trained by now (SwitchingTuned.candidate_names) ---
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return ({n: p.detach() for n, p in self._names().items()},
+        return ({n: p.detach() for n, p in self.candidate_names().items()},
                 {"draws": {str(d): s for d, s in self.draws.items()}, "period": self.period, "seed": self.seed,
                  "redraw_every": self.method.redraw_every or None})
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        params = self._names()
+        params = self.candidate_names()
         if (set(tensors) != set(params) or meta.get("seed") != self.seed
                 or meta.get("redraw_every") != (self.method.redraw_every or None)):
             raise ValueError(f"checkpoint does not match this {self.method.name} run (seed {meta.get('seed')}, "

@@ -17,7 +17,7 @@ resumed run draws the same layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import BudgetUnreachable, UserError
 from ..models import ModelShapes
 from ..schema.spec import count, one_of, optional, param
-from .base import Context, Method, Plan, Tuned
+from .base import Context, Method, Plan, SwitchingTuned
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -86,7 +86,7 @@ class LISA(Method):
         return LISATuned(self, model, plan.detail["layers"], seed)
 
 
-class LISATuned(Tuned):
+class LISATuned(SwitchingTuned):
     method: LISA
 
     def __init__(self, method: LISA, model: nn.Module, gamma: int, seed: int) -> None:
@@ -136,23 +136,14 @@ class LISATuned(Tuned):
     def candidates(self) -> list[nn.Parameter]:
         return [*self.always, *self.layers.parameters()]
 
-    def build_optimizer(self, betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
-        """Over every layer that may be drawn: AdamW skips (and holds no state for) those without a gradient."""
-        return torch.optim.AdamW(self.candidates(), lr=self.method.lr, betas=tuple(betas), eps=eps,
-                                 weight_decay=self.method.weight_decay, foreach=True)
-
-    # --- checkpoints: every layer may have trained by now ---
-    def _names(self) -> dict[str, nn.Parameter]:
-        ids = {id(p) for p in self.candidates()}
-        return {n: p for n, p in self.model.named_parameters() if id(p) in ids}
-
+    # --- checkpoints: every candidate may have trained by now (SwitchingTuned.candidate_names) ---
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return ({n: p.detach() for n, p in self._names().items()},
+        return ({n: p.detach() for n, p in self.candidate_names().items()},
                 {"draws": {str(k): v for k, v in self.draws.items()}, "active": list(self.active), "seed": self.seed,
                  "layers": self.gamma})
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        params = self._names()
+        params = self.candidate_names()
         if set(tensors) != set(params) or meta.get("seed") != self.seed or meta.get("layers") != self.gamma:
             raise ValueError(f"checkpoint does not match this {self.method.name} run (seed {meta.get('seed')}, "
                              f"γ {meta.get('layers')}; tensors {sorted(set(tensors) ^ set(params))[:3]})")
