@@ -31,7 +31,9 @@ from .stats import Plateau, fmt_budget, pareto_front  # noqa: E402
 
 REFERENCE_COLOR = "#404040"  # the method every ratio is taken against
 # the rest, in display order (tab10 without its grey, red last)
-GENERIC_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728")
+GENERIC_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#d62728",
+                  # then tab20b's dark shades, so that up to 14 methods each have a colour of their own
+                  "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 LINESTYLES = ("-", "--", ":", "-.")
 PART_COLORS = {"weights": "#d9d9d9", "gradients": "#a8a8a8", "optimizer": "#6f6f6f", "activations": "#e6d3a3"}
@@ -644,10 +646,17 @@ def forgetting(cells: pd.DataFrame, pal: Palette, title: str):
         ax.axhline(0, color="#999999", lw=0.6, zorder=0) if ax is left else ax.axvline(0, color="#999999", lw=0.6,
                                                                                       zorder=0)
     _logx(left)
+    # NLL changes span 1e-3 .. several nats across methods: linear within ±0.01, logarithmic beyond
+    left.set_yscale("symlog", linthresh=0.01, linscale=0.5)
+    right.set_xscale("symlog", linthresh=0.01, linscale=0.5)
+    top = float(np.nanmax(ev["forget_mean"] + np.nan_to_num(ev["forget_ci"].to_numpy(dtype=float))))
+    if top > 0.01:  # room above the largest interval (a symlog axis adds no margin of its own)
+        left.set_ylim(top=top * 2)
+        right.set_xlim(right=top * 2)
     left.set_xlabel("trainable parameters (% of model, achieved; log scale)")
-    left.set_ylabel("held-out NLL change (nats; + = forgot)")
+    left.set_ylabel("held-out NLL change (nats; + = forgot; symlog)")
     left.set_title("forgetting per budget", fontsize=9)
-    right.set_xlabel("held-out NLL change (nats; + = forgot)")
+    right.set_xlabel("held-out NLL change (nats; + = forgot; symlog)")
     right.set_ylabel("mean accuracy (%)")
     right.set_title("accuracy vs forgetting (each series joined in budget order)", fontsize=9)
     handles, labels = left.get_legend_handles_labels()
@@ -725,7 +734,7 @@ FIGURES = (  # per setting; methods add their own (registry.Contribution.figures
         "text, tuned minus base model (`eval.forgetting.delta`, nats; positive: the model got worse at it). Left: "
         "that change per trainable budget, full FT dashed with its band. Right: accuracy against it, one point "
         "per budget (each series joined from its smallest budget to its largest), full FT a star; bars are 95% "
-        "t-intervals over seeds.",
+        "t-intervals over seeds. The NLL axes are linear within ±0.01 nats and logarithmic beyond.",
         lambda s: forgetting(s.cells, s.palette, s.label)),
     registry.Figure(
         "variants", "Each method's variants against its main series",
