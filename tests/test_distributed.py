@@ -229,5 +229,5 @@ def test_rank_0_alone_writes_one_result_per_run_and_no_checkpoint_is_left(compar
     _, two, *_ = compared
     folder = next(iter(two.values()))[0].parent
     names = sorted(p.name for p in folder.iterdir())
-    assert len([n for n in names if n.endswith(".json")]) == 4
+    assert len([n for n in names if n.endswith(".json")]) == 7  # full_ft, smt, lora, lisa, spiel, hft, corda
     assert not [n for n in names if n.startswith(".") or n.endswith(".ckpt")], names
