@@ -28,8 +28,9 @@ LOCK = Path("requirements") / "lock-cpu.txt"
 TORCH_STACK = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 
 # Config keys that do not change what a run computes: left out of the run id (a resumed run that
-# checkpoints at another interval is the same run).
-NON_SEMANTIC = ("results", "logger", "train.checkpoint_every")
+# checkpoints at another interval is the same run; the anatomy measures the trained model and changes nothing
+# it trains or scores).
+NON_SEMANTIC = ("results", "logger", "anatomy", "train.checkpoint_every")
 # keys added after results existed, and how old ids stay valid: smt_bench/migrations.py (ADDED_KEYS and
 # without_added_defaults are imported from there)
 

@@ -305,6 +305,49 @@ class Evaluation(Part):
                                                        "beside the result")
 
 
+class ProjectionAnatomy(Part):
+    tensors: Int = Field(description="changed tensors of this kind")
+    energy_share: Number = Field(description="their share of the whole update's ‖ΔW‖²")
+    delta_rel_norm: Number = Field(description="‖ΔW‖_F / ‖W₀‖_F over them")
+    intruders: IntOrNull = Field(None, description="intruder dimensions at `epsilon`, summed (matrices only)")
+    stable_rank: NumberOrNull = Field(None, description="median stable rank of ΔW over them (matrices only)")
+    effective_rank: NumberOrNull = Field(None, description="median effective rank of ΔW over them (matrices only)")
+
+
+class Anatomy(Part):
+    """What the tuning did to the weights: the merged model against the base model, every changed tensor
+    (smt_bench/anatomy, docs/anatomy.md). Absent with anatomy.enabled=false and in older files."""
+    protocol: Text = Field(description="what is compared and how")
+    svd: List = Field(description="the decompositions used: exact and/or lowrank (anatomy.svd)")
+    top_k: Int = Field(description="the tuned matrix's top singular vectors tested for intruders (the paper's k)")
+    epsilon: Number = Field(description="the headline threshold ε of `intruders`")
+    epsilons: List = Field(description="every ε counted")
+    changed_tensors: Int = Field(description="tensors the tuning changed")
+    unchanged_tensors: Int = Field(description="tensors it left bit-identical")
+    matrices: Int = Field(description="changed 2-D tensors (the spectra and intruders are theirs)")
+    intruders: dict[str, Int] = Field(description="intruder dimensions summed over the changed matrices, per ε")
+    matrices_with_intruders: Int = Field(description="changed matrices with at least one intruder at `epsilon`")
+    similarity_mean: NumberOrNull = Field(description="mean over the matrices' top-k vectors of their largest "
+                                                      "|cos| with a base singular vector")
+    delta_rel_norm: Number = Field(description="‖ΔW‖_F / ‖W₀‖_F over every changed tensor")
+    stable_rank: NumberOrNull = Field(description="median over matrices of ‖ΔW‖²_F / σ₁²")
+    effective_rank: NumberOrNull = Field(description="median over matrices of exp(entropy of σ / Σσ)")
+    top_energy: dict[str, NumberOrNull] = Field(description="mean over matrices of the share of ‖ΔW‖²_F in ΔW's top "
+                                                            "1, 4, 16 directions")
+    by_projection: dict[str, ProjectionAnatomy] = Field(description="per tensor kind (q_proj, …, embed_tokens, "
+                                                                    "input_layernorm)")
+    by_layer: dict[str, Number] = Field(description="share of ‖ΔW‖² per decoder layer (`outside`: embeddings, "
+                                                    "final norm, head)")
+    spectrum: dict[str, List] = Field(description="per matrix kind, the mean over its matrices of the energy share "
+                                                  "σᵢ² / ‖ΔW‖²_F of ΔW's top directions (anatomy.spectrum)")
+    wall_s: Number = Field(description="seconds, the base model's load included")
+    lowrank_check: Optional[Obj] = Field(None, description="with anatomy.check: on the exact matrices, lowrank's "
+                                                           "similarity error against exact, both counts per ε, the "
+                                                           "matrices counted differently, the seconds of each")
+    arrays_file: TextOrNull = Field(None, description="with anatomy.arrays: `<result>.anatomy.json` beside the "
+                                                      "result, every changed tensor's record")
+
+
 class Summary(Part):
     """The run's headline numbers; a method adds its own (SMT: `block_share` per projection)."""
     model_config = ConfigDict(extra="allow")
@@ -318,6 +361,7 @@ class Summary(Part):
     mean_accuracy: NumberOrNull = Field(None, description="as in eval")
     eval_protocol: TextOrNull = Field(None, description="eval.protocol")
     forgetting_nll_delta: NumberOrNull = Field(None, description="eval.forgetting.delta")
+    intruders: IntOrNull = Field(None, description="anatomy.intruders at anatomy.epsilon")
     tokens_per_s: NumberOrNull = Field(None, description="as in train_info")
     peak_memory_bytes: NumberOrNull = Field(None, description="as in train_info")
 
@@ -348,6 +392,8 @@ class RunResult(Part):
                                                          "`exported` files with results.export=true")
     eval: Optional[Evaluation] = Field(None, description="the suite's scores on the tuned model (null or absent: "
                                                          "eval.enabled=false)")
+    anatomy: Optional[Anatomy] = Field(None, description="what the tuning did to the weights (finished runs with "
+                                                         "anatomy.enabled)")
     summary: Optional[Summary] = Field(None, description="the run's headline numbers")
 
     @model_validator(mode="after")
@@ -426,7 +472,8 @@ def first_problem(e: ValidationError) -> str:
 SECTIONS = (("run_info", RunInfo), ("run_info.attempts[]", Attempt), ("meta_info", MetaInfo), ("train_info", TrainInfo),
             ("train_info.memory_breakdown_bytes", MemoryBreakdown), ("train_info.forecast", ForecastInfo),
             ("eval", Evaluation),
-            ("eval.forgetting", Forgetting), ("summary", Summary))
+            ("eval.forgetting", Forgetting), ("anatomy", Anatomy), ("anatomy.by_projection.*", ProjectionAnatomy),
+            ("summary", Summary))
 
 
 _TYPE_WORDS = {"number": "number", "int": "integer", "str": "string", "dict": "object", "list": "list",
@@ -486,7 +533,7 @@ def schema_page() -> str:
     out += _table(RunResult)
     for name, model in SECTIONS:
         out += ["", f"## `{name}`", ""]
-        if model.__doc__ and model in (Summary, ForecastInfo):
+        if model.__doc__ and model in (Summary, ForecastInfo, Anatomy):
             out += [" ".join(model.__doc__.split()), ""]
         out += _table(model)
     return "\n".join(out) + "\n"

@@ -39,8 +39,8 @@ from .methods.base import Context, Plan
 from .models import ModelShapes, meta_shapes
 from .parallel import strategy_for
 from .preemption import Preempted, TimedOut
-from .result import (SCHEMA_VERSION, Attempt, Evaluation, MetaInfo, RunInfo, RunResult, SchemaError, Summary,
-                     TrainInfo)
+from .result import (SCHEMA_VERSION, Anatomy, Attempt, Evaluation, MetaInfo, RunInfo, RunResult, SchemaError,
+                     Summary, TrainInfo)
 from .results import checkpoint_dir, finished, probe_writable, run_file, write_json_atomic
 from .schema.validate import validate
 from .summary import run_line
@@ -342,7 +342,8 @@ def _execute(cfg: DictConfig, prep: Prepared, world: World) -> RunResult:
         recipe = Recipe(prep, logger, ckpts, heartbeat, result.meta_info)
         if recipe.run():
             result.train_info, result.method_info = recipe.train_info, recipe.method_report
-            result.eval, result.summary = recipe.evaluation, recipe.summarize()
+            result.eval, result.anatomy = recipe.evaluation, recipe.anatomy
+            result.summary = recipe.summarize()
         info.status = "finished"
     except UserError:  # bad input found only once the data is tokenised: one line, exit 2, no result file
         if heartbeat.started and world.is_main:
@@ -453,14 +454,21 @@ def _release_memory(device: torch.device) -> None:
 
 class Recipe:
     """One run as named phases, after torchtune's recipes: `setup_model`, `setup_data`, `prepare_method`,
-    `train`, `record_training`, `evaluate`, `summarize`; `run()` calls them in this order (the order is part of
-    what a run computes: the seeds, the forgetting baseline before tuning, the memory baseline after the
-    load). Each phase leaves what the next needs on the recipe."""
+    `train`, `record_training`, `evaluate`, `measure_anatomy`, `summarize`; `run()` calls them in this order (the
+    order is part of what a run computes: the seeds, the forgetting baseline before tuning, the memory baseline
+    after the load). Each phase leaves what the next needs on the recipe."""
 
     def __init__(self, prep: Prepared, logger: Logger, ckpts: CheckpointDir, heartbeat: "Heartbeat", meta: MetaInfo):
         self.prep, self.cfg, self.tc, self.dev = prep, prep.cfg, prep.cfg.train, prep.device
         self.world, self.logger, self.ckpts, self.heartbeat, self.meta = prep.world, logger, ckpts, heartbeat, meta
         self.hub = bool(self.cfg.model.hub_kernels)
+        self._merged: torch.nn.Module | None = None
+
+    def merged(self) -> torch.nn.Module:
+        """The tuned model with the tuning folded in, made once (a method's merge may consume its tuned model)."""
+        if self._merged is None:
+            self._merged = self.tuned.merged()
+        return self._merged
 
     def run(self) -> bool:
         """True when this rank has the tuned model and its results (`train_info`, `method_report`, `evaluation`,
@@ -472,6 +480,7 @@ class Recipe:
             return False
         self.record_training()
         self.evaluate()
+        self.measure_anatomy()
         return True
 
     def setup_model(self) -> None:
@@ -594,8 +603,7 @@ class Recipe:
         from .evaluation.forgetting import forgetting_entry, measure
         from .evaluation.harness import evaluate_suite, write_samples
 
-        model, evaluated = (self.tuned.model, "tuned (unmerged)") if not cfg.eval.merge else (self.tuned.merged(),
-                                                                                              "merged")
+        model, evaluated = (self.tuned.model, "tuned (unmerged)") if not cfg.eval.merge else (self.merged(), "merged")
         ec = cfg.eval
         evaluation = evaluate_suite(model, self.tok, prep.eval_plan, batch_size=ec.batch_size,
                                     max_new_tokens=ec.max_new_tokens, num_beams=ec.num_beams,
@@ -616,6 +624,29 @@ class Recipe:
         self.logger.log(logged, self.tc.max_steps)
         self.evaluation = Evaluation.model_validate(evaluation)
 
+    def measure_anatomy(self) -> None:
+        """What the tuning did to the weights (smt_bench/anatomy): the merged model against a fresh load of the base
+        model, on rank 0 after evaluation; the per-matrix records beside the result with anatomy.arrays=true."""
+        self.anatomy: Anatomy | None = None
+        ac = self.cfg.anatomy
+        if not ac.enabled or not self.world.is_main:
+            return
+        from .anatomy import Settings, analyse, write_arrays
+
+        t0 = time.perf_counter()
+        base = self.prep.source.load(torch.float32)[0]  # on the host: the device holds only the matrix in hand
+        found = analyse(base, self.merged(), Settings.from_config(ac), self.dev)
+        del base
+        found.wall_s = time.perf_counter() - t0  # the base model's load included: the whole cost to the run
+        summary = found.summary()
+        if ac.arrays:
+            path = self.prep.path.with_name(self.prep.path.stem + ".anatomy.json")
+            write_arrays(path, found)
+            summary["arrays_file"] = path.name
+        self.anatomy = Anatomy.model_validate(summary)
+        self.logger.log({"anatomy/intruders": summary["intruders"][f"{ac.epsilon:g}"],
+                         "anatomy/delta_rel_norm": summary["delta_rel_norm"]}, self.tc.max_steps)
+
     def summarize(self) -> Summary:
         """The run's headline numbers (the result's `summary`)."""
         ti, ev = self.train_info, self.evaluation
@@ -627,6 +658,7 @@ class Recipe:
             "mean_accuracy": ev.mean_accuracy if ev else None,
             "eval_protocol": ev.protocol if ev else None,
             "forgetting_nll_delta": ev.forgetting.delta if ev and ev.forgetting else None,
+            "intruders": self.anatomy.intruders[f"{self.anatomy.epsilon:g}"] if self.anatomy else None,
             "tokens_per_s": ti.tokens_per_s, "peak_memory_bytes": ti.peak_memory_bytes,
             **self.method_report.get("summary", {}),
         })

@@ -43,8 +43,10 @@ def _jobs(argv, monkeypatch, capsys):
 
 
 # tiny-llama cannot meet the paper's budgets on one projection, so those presets run at a fraction it can
-TINY_BUDGET = {"paper/qkv": "0.001", "paper/attn_mlp": "0.0015", "paper/selection": "0.001"}
+TINY_BUDGET = {"anatomy/commonsense": "0.001", "paper/qkv": "0.001", "paper/attn_mlp": "0.0015", "paper/selection": "0.001"}
 EXPECTED = {  # the variants each preset sweeps: key -> values
+    "anatomy/commonsense": {"method": {"full_ft", "smt", "lora", "dora", "pissa", "rslora", "shira", "miss", "s2ft",
+                                       "lisa", "spiel", "hft", "supertuning", "kasa", "corda"}},
     "paper/qkv": {"method.projections": {"[q]", "[k]", "[v]", "[q,k,v]"}},
     "paper/attn_mlp": {"method.projections": {"[q,k,v]", "[gate,up,down]", "[q,k,v,o,gate,up,down]"}},
     "paper/selection": {"method.signal": {"gradient", "activation"}},
@@ -64,7 +66,7 @@ def test_every_preset_is_listed():
 def test_each_preset_composes_and_passes_the_preflight_on_tiny_llama(preset, tmp_path, monkeypatch, capsys,
                                                                       smollm2_path):
     extra = [f"budget.fraction={TINY_BUDGET[preset]}"] if preset in TINY_BUDGET else []
-    if preset in ("paper/commonsense", "paper/math"):
+    if preset in ("paper/commonsense", "paper/math", "anatomy/commonsense"):
         extra += _adapters(tmp_path / "adapters") + ["eval.tasks=[boolq]" if preset.endswith("commonsense")
                                                      else "eval.tasks=[gsm8k]"]
     argv = ["-m", f"experiment={preset}", *TINY, *extra, "seed=0,1", f"results.dir={tmp_path / 'results'}"]

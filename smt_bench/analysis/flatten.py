@@ -91,6 +91,7 @@ def flatten(r: RunResult, file: str) -> dict:
     row["tasks"] = ";".join(sorted(acc))
     fg = ev.forgetting if ev is not None else None  # held-out NLL after − before (nats; positive: forgot)
     row["forgetting_nll_delta"] = _num(fg.delta if fg is not None else None)
+    row.update(anatomy_columns(r.anatomy))
     row["eval_n"] = sum(v for v in ((ev.n if ev is not None else None) or {}).values() if isinstance(v, int))
     own = registry.contribution(row["method"])
     for c in registry.contributions():  # every contributed column on every row: one table schema
@@ -102,3 +103,34 @@ def flatten(r: RunResult, file: str) -> dict:
     row["device_type"] = str(dev.get("type") or "")
     row["device_name"] = str(dev.get("name") or "")
     return row
+
+
+ANATOMY_EPSILONS = ("0.3", "0.5", "0.7")  # the thresholds the intruder figure draws (the run keeps every one)
+
+
+def anatomy_columns(a) -> dict:
+    """A run's update anatomy (its result's `anatomy`) as columns: intruders at the headline ε and at
+    ANATOMY_EPSILONS, per changed matrix, the update's relative norm and median spectrum statistics, and its
+    mean ΔW energy spectrum over every changed matrix (JSON; the spectra figure)."""
+    nan = math.nan
+    if a is None:
+        return {"intruders": nan, "intruders_per_matrix": nan, "anatomy_matrices": nan, "delta_rel_norm": nan,
+                "dw_stable_rank": nan, "dw_effective_rank": nan, "dw_top1_energy": nan, "attention_share": nan,
+                **{f"intruders@{e}": nan for e in ANATOMY_EPSILONS}, "dw_spectrum": ""}
+    head = a.intruders.get(f"{a.epsilon:g}")
+    kinds = {k: p for k, p in a.by_projection.items() if k in a.spectrum}
+    weights = {k: kinds[k].tensors for k in kinds}
+    n = min((len(a.spectrum[k]) for k in kinds), default=0)
+    total = sum(weights.values())
+    spectrum = [sum(weights[k] * a.spectrum[k][i] for k in kinds) / total for i in range(n)] if total else []
+    attention = sum(p.energy_share for k, p in a.by_projection.items() if k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return {
+        "intruders": _num(head), "intruders_per_matrix": _num(head / a.matrices if a.matrices and head is not None
+                                                               else None),
+        "anatomy_matrices": _num(a.matrices), "delta_rel_norm": _num(a.delta_rel_norm),
+        "dw_stable_rank": _num(a.stable_rank), "dw_effective_rank": _num(a.effective_rank),
+        "dw_top1_energy": _num(a.top_energy.get("1")), "attention_share": _num(attention if a.changed_tensors
+                                                                               else None),
+        **{f"intruders@{e}": _num(a.intruders.get(e)) for e in ANATOMY_EPSILONS},
+        "dw_spectrum": json.dumps([round(x, 8) for x in spectrum]),
+    }

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import anatomy as A
 from . import figures as F
 from . import registry
 from .load import AnalysisError, Loaded, load
@@ -58,7 +59,7 @@ def analyze(inputs: list[str], out: str | Path, opts: Options = Options(), warn=
         for s in settings:
             own = [c for c in registry.contributions() if c.method in set(s.runs["method"])]
             listed = []
-            for f in (*F.FIGURES, *(f for c in own for f in c.figures)):
+            for f in (*F.FIGURES, *A.FIGURES, *(f for c in own for f in c.figures)):
                 fig = f.draw(s)
                 if fig is not None:
                     F.save(fig, fig_dir / s.slug, f.stem)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 from ..result import RunInfo
+from .anatomy import section as anatomy_section
 from .load import Loaded
 from .markdown import acc, anchor, forget, pct, plural, table
 from .registry import Figure, Setting
@@ -112,6 +113,7 @@ def headline(s: Setting, figures: list[Figure]) -> list[str]:
                 "`eval.forgetting`). A method that learns the task while this stays near 0 kept more of the base "
                 "model.", ""]
         out += table(["method", *[fmt_budget(b) for b in budgets]], rows)
+    out += anatomy_section(s)
     for n, f in enumerate(figures, 1):
         out += [f"**Figure {n}. {f.title}.** {f.caption}", "", figure_link(f.title, slug, f.stem), ""]
     return out

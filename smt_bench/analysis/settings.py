@@ -13,7 +13,7 @@ from ..migrations import ADDED_KEYS, RETIRED_KEYS
 from .flatten import flatten_config
 
 # config keys that do not change what a run computes (or are the axes of the analysis)
-NOT_SETTING = ("seed", "budget", "results", "logger", "device", "threads", "method")
+NOT_SETTING = ("seed", "budget", "results", "logger", "anatomy", "device", "threads", "method")
 
 
 def not_computed() -> set[str]:
@@ -46,7 +46,7 @@ def assign_settings(loaded) -> None:
     df["setting_key"] = keys
     # the same computation (a rerun on another device counts as the same): finds superseded failures
     df["config_key"] = [json.dumps({k: v for k, v in flat[f].items()
-                                    if k.split(".", 1)[0] not in ("results", "logger", "device", "threads")},
+                                    if k.split(".", 1)[0] not in ("results", "logger", "anatomy", "device", "threads")},
                                    sort_keys=True) for f in df["file"]]
     labels, slugs = {}, {}
     by_md: dict[tuple, list[str]] = {}

@@ -86,6 +86,14 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         for col in ("tokens_per_s", "median_step_time_s"):
             row[f"{col}_ci"] = mean_ci(g[col])[1]
         row["forget_mean"], row["forget_ci"], row["forget_n"] = mean_ci(g["forgetting_nll_delta"])
+        if "intruders" in g.columns:  # the update anatomy (smt_bench/anatomy), where the runs measured it
+            row["intr_mean"], row["intr_ci"], row["intr_n"] = mean_ci(g["intruders"])
+            for col in ("intruders_per_matrix", "anatomy_matrices", "delta_rel_norm", "dw_stable_rank",
+                        "dw_effective_rank", "dw_top1_energy", "attention_share",
+):
+                row[col] = finite_mean(g[col])
+            for col in (c for c in g.columns if c.startswith("intruders@")):
+                row[col], row[f"{col}_ci"], _ = mean_ci(g[col])
         for col in acc_cols:
             row[col] = finite_mean(g[col])
         row["tasks"] = g["tasks"].iloc[0]

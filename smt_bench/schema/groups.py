@@ -103,6 +103,30 @@ class Eval:
     forgetting: Forgetting = field(default_factory=Forgetting)
 
 
+# --- anatomy -----------------------------------------------------------------------------------------
+
+@dataclass
+class Anatomy:
+    enabled: bool = MISSING
+    top_k: int = param(valid=count(1))
+    epsilon: float = param(valid=within(0, 1, lo_open=True))
+    epsilons: list[float] = param(valid=Valid(lambda v: len(v) > 0 and all(
+        isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in v),
+        "a non-empty list of thresholds in (0, 1]"))
+    svd: str = param(valid=one_of(("auto", "exact", "lowrank")))
+    exact_max_dim: int = param(valid=count(1))
+    base_share: float = param(valid=within(0, 1, lo_open=True))
+    spectrum: int = param(valid=count(1))
+    check: bool = MISSING
+    arrays: bool = MISSING
+
+    @staticmethod
+    def check_config(node, at: str) -> None:
+        if node.epsilon not in node.epsilons:
+            raise invalid(f"{at}.epsilon", node.epsilon, f"one of {at}.epsilons={list(node.epsilons)} (the headline "
+                          "count is one of the counted thresholds)")
+
+
 # --- budget, results, the top level ------------------------------------------------------------------
 
 @dataclass
@@ -138,6 +162,7 @@ class Config:
     seed: int = param(valid=SEED)
     device: str = param(valid=DEVICE)
     threads: Optional[int] = param(valid=optional(count(1), "(torch's default)"))
+    anatomy: Anatomy = MISSING
     results: Results = MISSING
 
 
