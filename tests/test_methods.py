@@ -275,3 +275,28 @@ def test_merged_model_gives_the_adapter_logits(trained, _tiny_llama_pristine, ex
     # fp32 merge: W + s*B@A (DoRA: rescaled by magnitude / column norm; S2FT: W[:, S] + D) -> only
     # rounding differences (about 8e-7 here); tolerance atol 1e-5, rtol 0
     torch.testing.assert_close(after, tuned, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_anatomy_sees_exactly_what_trained(trained, _tiny_llama_pristine):
+    """Every method's merged model through the update anatomy: the changed tensors are base tensors, all of them
+    are matrices or norms the method can reach, and for the methods that train the model's own tensors they are
+    exactly those it trained; an adapter method changes only weights of the modules it wraps."""
+    from smt_bench.anatomy import Settings, analyse
+
+    name, tuned, model, _, _ = trained
+    base = _tiny_llama_pristine[0]
+    base_names = {n for n, _ in base.named_parameters()}
+    trains = _trained_names(name, tuned, model)
+    merged = copy.deepcopy(tuned).merged()
+    found = analyse(base, merged, Settings())
+    changed = set(found.tensors)
+    assert changed and changed <= base_names
+    s = found.summary()
+    assert s["matrices"] >= 1 and sum(s["by_layer"].values()) == pytest.approx(1.0)
+    if name in TRAINS_OWN:
+        assert changed == trains
+    else:
+        wrapped = {n.split(".lora_")[0].split(f".{TRAINED_BY[name][0]}")[0].replace("base_model.model.", "")
+                   for n in trains}
+        assert {n.rsplit(".", 1)[0] for n in changed} <= wrapped, (changed, wrapped)
