@@ -229,8 +229,11 @@ def test_cost_cli_writes_its_tables_and_refuses_bad_input(tmp_path):
     assert main(["model=tiny-llama", "--layers", "1", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "tiny-llama-cpu.json").read_text())
     assert set(res["modes"]) == {"exact", "lowrank"} and res["depth"] == 2 and res["layers"] == 1
-    for m in res["modes"].values():  # every matrix changed, each timed; the whole model = depth x layer + outside
-        assert len(m["per_tensor_s"]) == len([n for n in m["per_tensor_s"]]) > 7
-        assert m["whole_model_s"] == pytest.approx(2 * m["per_layer_s"] + m["outside_s"])
+    for m in res["modes"].values():  # the layer's 7 matrices changed, each timed; whole model = depth x layer
+        assert len(m["per_tensor_s"]) == 7 and m["outside_s"] == 0
+        assert m["whole_model_s"] == pytest.approx(2 * m["per_layer_s"])
+    assert main(["model=tiny-llama", "--layers", "1", "--all", "--out", str(tmp_path), "--name", "all"]) == 0
+    every = json.loads((tmp_path / "all.json").read_text())["modes"]["exact"]
+    assert len(every["per_tensor_s"]) == 8 and every["outside_s"] > 0  # the tied embedding too
     assert "| exact |" in (tmp_path / "tiny-llama-cpu.md").read_text()
     assert main(["--modes", "fast", "--out", str(tmp_path)]) == 2

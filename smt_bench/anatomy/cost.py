@@ -1,8 +1,9 @@
 """What the update anatomy costs at a model's real shapes: `python -m smt_bench.anatomy.cost model=llama-7b-random`.
 
 The model is built with random weights, cut to `layers` decoder layers (as smt_bench.bench does), and every matrix
-gets an update that changes all of it (a rank-16 Gaussian update at 1% of its norm, plus 0.1% dense noise), so every
-matrix is analysed, as after full fine-tuning. The anatomy runs once per SVD mode (exact, lowrank) and each
+of the decoder layers gets an update that changes all of it (a rank-16 Gaussian update at 1% of its norm, plus 0.1%
+dense noise), so every layer matrix is analysed, as after full fine-tuning; with --all the embeddings and the head
+too (only full FT, HFT and LISA with train_embeddings change them). The anatomy runs once per SVD mode (exact, lowrank) and each
 matrix's seconds are recorded; the per-layer seconds times the model's depth plus the tensors outside the layers is
 the whole model's cost. Random weights cost what trained ones do (an SVD's time depends on the shape), so this
 measures cost only; lowrank's error is measured on trained SmolLM2 runs (`anatomy.check=true`, docs/anatomy.md).
@@ -38,10 +39,10 @@ def _model(model: str, layers: int, device: torch.device):
 
 
 @torch.no_grad()
-def _perturb(model) -> None:
+def _perturb(model, everything: bool) -> None:
     g = torch.Generator(device="cpu").manual_seed(1)
-    for _, p in model.named_parameters():
-        if p.ndim != 2:
+    for name, p in model.named_parameters():
+        if p.ndim != 2 or not everything and where(name)[0] is None:
             continue
         a = torch.randn(p.shape[0], 16, generator=g).to(p.device)
         b = torch.randn(16, p.shape[1], generator=g).to(p.device)
@@ -51,11 +52,11 @@ def _perturb(model) -> None:
         p += noise * (0.001 * p.norm() / noise.norm())
 
 
-def measure(model: str, layers: int, modes: list[str], device: torch.device) -> dict:
+def measure(model: str, layers: int, modes: list[str], device: torch.device, everything: bool = False) -> dict:
     base, depth = _model(model, layers, device)
     tuned = copy.deepcopy(base)
-    _perturb(tuned)
-    out: dict = {"model": model, "layers": layers, "depth": depth, "device": str(device),
+    _perturb(tuned, everything)
+    out: dict = {"model": model, "layers": layers, "depth": depth, "device": str(device), "all_tensors": everything,
                  "threads": torch.get_num_threads(), "modes": {}}
     for mode in modes:
         settings = Settings(svd=mode)
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="outputs/anatomy-cost")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--all", action="store_true", help="update the embeddings and the head too")
     args = ap.parse_args(argv)
     model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), "llama-7b-random")
     modes = [m for m in args.modes.split(",") if m]
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ..provenance import meta_info
 
-    res = measure(model, args.layers, modes, torch.device(args.device))
+    res = measure(model, args.layers, modes, torch.device(args.device), args.all)
     res["provenance"] = meta_info(torch.device(args.device))
     res["command"] = "python -m smt_bench.anatomy.cost " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
