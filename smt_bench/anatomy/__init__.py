@@ -146,14 +146,6 @@ def matrix(w0: torch.Tensor, w: torch.Tensor, s: Settings) -> dict[str, Any]:
     return out
 
 
-def changed(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> list[str]:
-    """The names of the tensors the tuning changed (any entry), in the base model's order."""
-    missing = [n for n in base if n not in tuned]
-    if missing:
-        raise ValueError(f"the tuned model lacks {len(missing)} of the base model's tensors, e.g. {missing[0]}")
-    return [n for n in base if not torch.equal(base[n], tuned[n].to(base[n].device, base[n].dtype))]
-
-
 @dataclass
 class Anatomy:
     """Per-tensor records (`tensors`) and the run's summary (`summary()`)."""
@@ -254,12 +246,16 @@ def analyse(base: Any, tuned: Any, settings: Settings, device: torch.device | st
     t0 = time.perf_counter()
     b = dict(base.named_parameters())
     t = dict(tuned.named_parameters())
+    missing = [n for n in b if n not in t]
+    if missing:
+        raise ValueError(f"the tuned model lacks {len(missing)} of the base model's tensors, e.g. {missing[0]}")
     out = Anatomy(settings)
-    names = changed(b, t)
-    out.unchanged = len(b) - len(names)
-    for name in names:
+    for name in b:  # in the base model's order; a tensor no entry of which changed is only counted
         t1 = time.perf_counter()
         w0, w = b[name].detach().to(device), t[name].detach().to(device)
+        if torch.equal(w0, w.to(w0.dtype)):
+            out.unchanged += 1
+            continue
         if w.ndim == 2:
             out.tensors[name] = matrix(w0, w, settings)
         else:
