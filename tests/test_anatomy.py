@@ -100,7 +100,7 @@ def test_lowrank_agrees_with_exact_on_a_clear_intruder():
 
 
 def test_auto_is_exact_up_to_its_size():
-    s = Settings(exact_max_dim=8)
+    s = Settings(svd="auto", exact_max_dim=8)
     assert s.mode((8, 100)) == "exact" and s.mode((9, 9)) == "lowrank"
     assert Settings(svd="lowrank").mode((2, 2)) == "lowrank"
 

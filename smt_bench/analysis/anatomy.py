@@ -37,7 +37,7 @@ def intruders_vs_budget(cells: pd.DataFrame, pal, title: str):
     c = _measured(cells)
     if not len(c):
         return None
-    fig, axes = figure(4.0 * len(ANATOMY_EPSILONS) + 2.2, 4.2, 1, len(ANATOMY_EPSILONS), sharey=True)
+    fig, axes = figure(3.4 * len(ANATOMY_EPSILONS) + 2.2, 4.2, 1, len(ANATOMY_EPSILONS), sharey=True)
     main = main_cells(c)
     ref = _reference_method(c)
     ft = _ft(c)
@@ -81,36 +81,45 @@ def spearman(x, y) -> tuple[float, int]:
 
 
 def intruders_vs_forgetting(s: registry.Setting):
-    """Each run of each method's main series: its intruder count at the headline ε against its held-out NLL change;
-    Spearman's ρ over all runs in the title."""
+    """Each run of each method's main series against its held-out NLL change: left, its intruder count at the
+    paper's ε = 0.5; right, how far its top-k directions moved (1 − their mean largest |cos| with the base's), the
+    continuous measure behind the counts. Spearman's ρ over all runs in each panel's title."""
     r = _runs(s)
     r = r[np.isfinite(r["forgetting_nll_delta"].to_numpy(dtype=float))]
     if not len(r):
         return None
     pal = s.palette
-    fig, axes = figure(7.8, 4.6)
-    ax = axes[0, 0]
+    fig, axes = figure(11.0, 4.4, 1, 2, sharey=True)
     methods = sorted(set(r["method"]), key=pal.key)
-    for k, method in enumerate(methods):
-        m = r[r["method"] == method]
-        nudge = 0.3 * (k - (len(methods) - 1) / 2) / max(len(methods) - 1, 1)  # counts are integers: side by side
-        ax.scatter(m["intruders"] * (1 + 0.1 * nudge) + nudge, m["forgetting_nll_delta"], color=pal.color(method),
-                   marker=pal.method_marker(method), s=26, alpha=0.85, label=short(method), zorder=3,
-                   edgecolors="none")
-    rho, n = spearman(r["intruders"], r["forgetting_nll_delta"])
-    ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
-    ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
     y = r["forgetting_nll_delta"].to_numpy(dtype=float)
-    ax.set_ylim(min(-0.01, 2 * y.min()), max(0.01, 2 * y.max()))
-    ax.set_xlim(-0.6, max(2.0, 2 * float(r["intruders"].max())))
-    ax.axhline(0, color="#999999", lw=0.6, zorder=0)
-    ax.set_xlabel("intruder dimensions at ε = 0.5 (symlog)")
-    ax.set_ylabel("held-out NLL change (nats; + = forgot; symlog)")
-    handles, labels = ax.get_legend_handles_labels()
+    for ax, col in zip(axes[0], ("intruders", "top_k_drift")):
+        for k, method in enumerate(methods):
+            m = r[r["method"] == method]
+            x = m[col].to_numpy(dtype=float)
+            if col == "intruders":  # counts are integers: each method's points side by side
+                nudge = 0.3 * (k - (len(methods) - 1) / 2) / max(len(methods) - 1, 1)
+                x = x * (1 + 0.1 * nudge) + nudge
+            ax.scatter(x, m["forgetting_nll_delta"], color=pal.color(method), marker=pal.method_marker(method),
+                       s=26, alpha=0.85, label=short(method), zorder=3, edgecolors="none")
+        rho, n = spearman(r[col], r["forgetting_nll_delta"])
+        ax.set_title(f"Spearman ρ = {rho:+.2f} over {n} runs" if np.isfinite(rho)
+                     else f"{n} runs: ρ undefined (no spread)", fontsize=9)
+        ax.axhline(0, color="#999999", lw=0.6, zorder=0)
+        ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
+    axes[0, 0].set_ylim(min(-0.01, 2 * y.min()), max(0.01, 2 * y.max()))
+    axes[0, 0].set_xscale("symlog", linthresh=1.0, linscale=0.6)
+    axes[0, 0].set_xlim(-0.6, max(2.0, 2 * float(r["intruders"].max())))
+    axes[0, 0].set_xlabel("intruder dimensions at ε = 0.5 (symlog; points nudged per method)")
+    drift = r["top_k_drift"].to_numpy(dtype=float)
+    if (drift > 0).any():
+        axes[0, 1].set_xscale("log")
+        axes[0, 1].set_xlim(float(drift[drift > 0].min()) / 2, float(drift.max()) * 2)
+    axes[0, 1].set_xlabel("1 − mean top-10 |cos| with the base's vectors (log)")
+    axes[0, 0].set_ylabel("held-out NLL change (nats; + = forgot; symlog)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     fig_legend(fig, handles, labels)
-    rho_text = f"Spearman ρ = {rho:+.2f} over {n} runs" if np.isfinite(rho) else f"{n} runs (ρ undefined)"
-    fig.suptitle(fit(f"{s.label}: intruders vs forgetting, one point per run ({rho_text})", fig.get_figwidth()),
-                 fontsize=10)
+    fig.suptitle(fit(f"{s.label}: intruders and drift of the top directions vs forgetting, one point per run",
+                     fig.get_figwidth()), fontsize=10)
     return fig
 
 
@@ -177,16 +186,17 @@ FIGURES = (
         "intruders", "Intruder dimensions vs trainable budget",
         "Each method at its main settings: the number of intruder dimensions (top-10 left singular vectors of a "
         "tuned matrix whose largest |cosine| with every base singular vector is below ε; Shuttleworth et al. "
-        "2024), summed over the matrices the method changed, mean ± 95% t-interval over seeds, at three ε. Full FT "
+        "2024), summed over the matrices the method changed, mean ± 95% t-interval over seeds, at four ε. Full FT "
         "dashed with its band. A method that changes fewer matrices has fewer places for intruders: the report's "
         "table gives the count per changed matrix.",
         lambda s: intruders_vs_budget(s.cells, s.palette, s.label)),
     registry.Figure(
         "intruders_forgetting", "Intruder dimensions vs forgetting",
-        "One point per run (each method's main series, every budget and seed): its intruder count at ε = 0.5 "
-        "against its held-out NLL change (`eval.forgetting.delta`); each method's points are nudged sideways so "
-        "equal counts stay apart. Spearman's ρ over all runs in the title; per "
-        "method in the report's anatomy table.",
+        "One point per run (each method's main series, every budget and seed) against its held-out NLL change "
+        "(`eval.forgetting.delta`): left, its intruder count at ε = 0.5 (each method's points nudged sideways so "
+        "equal counts stay apart); right, how far its top-10 directions moved, 1 − their mean largest |cos| with "
+        "a base singular vector, the continuous measure behind the counts. Spearman's ρ over all runs above each "
+        "panel; per method in the report's anatomy section.",
         intruders_vs_forgetting),
     registry.Figure(
         "spectra", "The update's spectrum per method",
@@ -221,14 +231,15 @@ def section(s: registry.Setting) -> list[str]:
     out += table(["method", "budget", "n", "intruders", "per matrix", "matrices", "‖ΔW‖/‖W₀‖", "stable rank",
                   "eff. rank", "top-1 energy", "attention share", "forgetting"], rows)
     r = _runs(s)
-    lines = []
-    rho, n = spearman(r["intruders"], r["forgetting_nll_delta"])
-    lines.append(f"all runs: ρ = {rho:+.2f} (n = {n})" if np.isfinite(rho) else f"all runs: undefined (n = {n})")
-    for method in sorted(set(r["method"]), key=pal.key):
-        m = r[r["method"] == method]
-        rho, n = spearman(m["intruders"], m["forgetting_nll_delta"])
-        lines.append(f"{method}: " + (f"ρ = {rho:+.2f} (n = {n})" if np.isfinite(rho)
-                                      else f"undefined (n = {n}: too few runs or no spread)"))
-    out += ["Spearman's rank correlation of intruders (ε = 0.5) with forgetting, over runs: " + "; ".join(lines) + ".",
-            ""]
+    rows = []
+    for label, col in (("intruders at ε = 0.5", "intruders"), ("intruders at ε = 0.9", "intruders@0.9"),
+                       ("1 − mean top-10 similarity", "top_k_drift")):
+        cells = []
+        for who, sub in (("all", r), *((m, r[r["method"] == m]) for m in sorted(set(r["method"]), key=pal.key))):
+            rho, n = spearman(sub[col], sub["forgetting_nll_delta"])
+            cells.append(f"{rho:+.2f} (n={n})" if np.isfinite(rho) else f"— (n={n})")
+        rows.append([label, *cells])
+    out += ["Spearman's rank correlation with forgetting over runs (— : undefined, fewer than 3 runs or no spread in "
+            "either measure):", ""]
+    out += table(["measure", "all runs", *sorted(set(r["method"]), key=pal.key)], rows)
     return out

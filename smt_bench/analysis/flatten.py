@@ -105,7 +105,7 @@ def flatten(r: RunResult, file: str) -> dict:
     return row
 
 
-ANATOMY_EPSILONS = ("0.3", "0.5", "0.7")  # the thresholds the intruder figure draws (the run keeps every one)
+ANATOMY_EPSILONS = ("0.3", "0.5", "0.7", "0.9")  # the thresholds the intruder figure draws (the run keeps every one)
 
 
 def anatomy_columns(a) -> dict:
@@ -116,6 +116,7 @@ def anatomy_columns(a) -> dict:
     if a is None:
         return {"intruders": nan, "intruders_per_matrix": nan, "anatomy_matrices": nan, "delta_rel_norm": nan,
                 "dw_stable_rank": nan, "dw_effective_rank": nan, "dw_top1_energy": nan, "attention_share": nan,
+                "top_k_drift": nan,
                 **{f"intruders@{e}": nan for e in ANATOMY_EPSILONS}, "dw_spectrum": ""}
     head = a.intruders.get(f"{a.epsilon:g}")
     kinds = {k: p for k, p in a.by_projection.items() if k in a.spectrum}
@@ -129,7 +130,10 @@ def anatomy_columns(a) -> dict:
                                                                else None),
         "anatomy_matrices": _num(a.matrices), "delta_rel_norm": _num(a.delta_rel_norm),
         "dw_stable_rank": _num(a.stable_rank), "dw_effective_rank": _num(a.effective_rank),
-        "dw_top1_energy": _num(a.top_energy.get("1")), "attention_share": _num(attention if a.changed_tensors
+        "dw_top1_energy": _num(a.top_energy.get("1")),
+        # how far the tuned top-k directions moved from the base's: 1 - their mean largest |cos| (0: not at all)
+        "top_k_drift": _num(1.0 - a.similarity_mean if a.similarity_mean is not None else None),
+        "attention_share": _num(attention if a.changed_tensors
                                                                                else None),
         **{f"intruders@{e}": _num(a.intruders.get(e)) for e in ANATOMY_EPSILONS},
         "dw_spectrum": json.dumps([round(x, 8) for x in spectrum]),

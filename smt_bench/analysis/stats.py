@@ -89,8 +89,7 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
         if "intruders" in g.columns:  # the update anatomy (smt_bench/anatomy), where the runs measured it
             row["intr_mean"], row["intr_ci"], row["intr_n"] = mean_ci(g["intruders"])
             for col in ("intruders_per_matrix", "anatomy_matrices", "delta_rel_norm", "dw_stable_rank",
-                        "dw_effective_rank", "dw_top1_energy", "attention_share",
-):
+                        "dw_effective_rank", "dw_top1_energy", "attention_share", "top_k_drift"):
                 row[col] = finite_mean(g[col])
             for col in (c for c in g.columns if c.startswith("intruders@")):
                 row[col], row[f"{col}_ci"], _ = mean_ci(g[col])

@@ -22,7 +22,8 @@ and for every changed matrix (2-D):
 `lowrank` takes W's top `top_k` vectors and W₀'s top `base_share` of its vectors by randomised SVD
 (torch.svd_lowrank), so an intruder is judged against those base vectors only (a count can only rise), while ΔW's
 values stay exact (torch.linalg.svdvals); `auto` is exact up to `exact_max_dim` on the smaller side, lowrank
-above. docs/anatomy.md states the measured cost of each and the error of lowrank against exact.
+above. The default is exact: docs/anatomy.md states the measured cost of each and the error of lowrank against exact
+(it over-counts at high ε).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class Settings:
     top_k: int = 10
     epsilons: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     epsilon: float = 0.5
-    svd: str = "auto"                  # exact | lowrank | auto
+    svd: str = "exact"                 # exact | lowrank | auto
     exact_max_dim: int = 2048          # auto: exact while min(m, n) <= this
     base_share: float = 0.0625         # lowrank: W0's top share of its singular vectors (256 of 4096)
     oversample: int = 20               # lowrank: extra columns of the randomised range finder
