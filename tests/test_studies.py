@@ -40,6 +40,21 @@ def test_embedded_sweep_report_regenerates_byte_identically(tmp_path):
 
 
 @pytest.mark.slow
+def test_anatomy_study_report_regenerates_byte_identically(tmp_path):
+    """`python -m smt_bench.analysis results/anatomy --out results/anatomy/analysis`: the anatomy table, its
+    correlations and the three anatomy figures included."""
+    from smt_bench.analysis.report import Options, analyze
+
+    study = RESULTS / "anatomy"
+    copy = tmp_path / "anatomy"
+    shutil.copytree(study / "runs", copy / "runs")
+    analyze([str(copy)], copy / "analysis", Options(), warn=lambda msg: None)
+    assert _differing(study / "analysis", copy / "analysis") == []
+    figures = {p.stem for p in (study / "analysis" / "figures" / "smollm2-135m-bundled").glob("*.png")}
+    assert {"intruders", "intruders_forgetting", "spectra"} <= figures
+
+
+@pytest.mark.slow
 def test_selection_study_report_regenerates_byte_identically(tmp_path):
     study = RESULTS / "smt-selection-study"
     copy = tmp_path / "smt-selection-study"
