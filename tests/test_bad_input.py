@@ -141,7 +141,7 @@ CASES = {
     "smt-activation-update": (lambda t: [*SMT, "method.signal=activation", "method.warmup_mode=update"],
                               r"method\.warmup_mode=update: must be score_only with method\.signal=activation"),
     "smt-signal": (lambda t: [*SMT, "method.signal=hessian"], r"method\.signal=hessian: must be one of gradient, activation"),
-    "unknown-experiment": (lambda t: ["experiment=paper/qvk"], r"unknown experiment 'paper/qvk'; choose one of: paper/attn_mlp, "),
+    "unknown-experiment": (lambda t: ["experiment=paper/qvk"], r"unknown experiment 'paper/qvk'; choose one of: anatomy/commonsense, paper/attn_mlp, "),
     "smt-over-budget": (lambda t: [*SMT, "budget.fraction=0.01"], r"needs 31 blocks but \['q', 'k', 'v'\] have only 16 blocks of 32x32"),
     # --- model -------------------------------------------------------------------------------------
     "model-hub-kernels-not-bool": (lambda t: [*TINY, "model.hub_kernels=maybe"],
