@@ -35,6 +35,17 @@ def test_cli_lora_run_on_smollm2(cli, tmp_path, smollm2_path, only_progress_bars
     assert set(ev["accuracy"]) == TASKS and ev["n"] == {t: 2 for t in TASKS}
     assert all(a in (0.0, 50.0, 100.0) for a in ev["accuracy"].values())
     assert math.isclose(ev["mean_accuracy"], sum(ev["accuracy"].values()) / 6)
+    # the update anatomy is on by default on the embedded default: LoRA's 150 adapted matrices (q, k, v, up and
+    # down of 30 layers, conf/method/lora.yaml) changed, nothing else; every ΔW = BA has rank ≤ 6, so its stable
+    # and effective ranks cannot pass 6 and its top 16 directions hold all of its energy
+    a = r["anatomy"]
+    assert a["svd"] == ["exact"] and a["top_k"] == 10 and a["epsilon"] == 0.5
+    assert a["changed_tensors"] == a["matrices"] == 150 and a["changed_tensors"] + a["unchanged_tensors"] == 272
+    assert 1.0 <= a["stable_rank"] <= 6 and 1.0 <= a["effective_rank"] <= 6 + 1e-6
+    assert a["top_energy"]["16"] > 1 - 1e-6 and 0 < a["delta_rel_norm"] < 0.05
+    assert math.isclose(sum(a["by_layer"].values()), 1.0, rel_tol=1e-6)
+    assert set(a["by_projection"]) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
+    assert math.isclose(sum(p["energy_share"] for p in a["by_projection"].values()), 1.0, rel_tol=1e-6)
 
 
 @pytest.fixture(scope="module")
