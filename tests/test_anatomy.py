@@ -237,3 +237,19 @@ def test_cost_cli_writes_its_tables_and_refuses_bad_input(tmp_path):
     assert len(every["per_tensor_s"]) == 8 and every["outside_s"] > 0  # the tied embedding too
     assert "| exact |" in (tmp_path / "tiny-llama-cpu.md").read_text()
     assert main(["--modes", "fast", "--out", str(tmp_path)]) == 2
+
+
+def test_the_spectra_figure_takes_the_budget_most_swept_methods_share():
+    """The spectra figure's budget: counted over the methods measured at two budgets or more (full FT's, HFT's
+    and a one-budget LISA's own budgets do not outvote a sweep); ties go to the smaller budget; no sweep, none."""
+    import pandas as pd
+
+    from smt_bench.analysis.anatomy import spectrum_budget
+
+    def runs(*pairs):
+        return pd.DataFrame([{"method": m, "budget_fraction": b} for m, b in pairs])
+
+    swept = [("lora", 0.01), ("lora", 0.05), ("smt", 0.01), ("smt", 0.05)]
+    assert spectrum_budget(runs(*swept, ("full_ft", 1.0), ("hft", 0.5), ("lisa", 0.05))) == 0.01
+    assert spectrum_budget(runs(*swept, ("dora", 0.05), ("dora", 0.02))) == 0.05
+    assert spectrum_budget(runs(("full_ft", 1.0), ("lisa", 0.05))) is None

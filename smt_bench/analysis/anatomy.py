@@ -125,8 +125,11 @@ def intruders_vs_forgetting(s: registry.Setting):
 
 # --- figure 3: the spectra side by side -----------------------------------------------------------
 def spectrum_budget(r: pd.DataFrame) -> float | None:
-    """The budget most methods measured (ties: the smallest), leaving out fixed-fraction methods' own budgets."""
-    counts = r[r["budget_fraction"] < 0.5].groupby("budget_fraction")["method"].nunique()
+    """The budget most swept methods (those measured at two budgets or more) measured (ties: the smallest, where
+    a low rank still shows inside the recorded directions); None where no method was swept."""
+    per = r.groupby("method")["budget_fraction"].nunique()
+    swept = r[r["method"].isin(per[per > 1].index)]
+    counts = swept.groupby("budget_fraction")["method"].nunique()
     if not len(counts):
         return None
     return float(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
@@ -139,24 +142,26 @@ def _mean_spectrum(texts) -> np.ndarray:
 
 
 def spectra(s: registry.Setting):
-    """One panel per method (its main series) at one budget, the reference method at its own: the energy share
-    σᵢ² / ‖ΔW‖²_F of ΔW's top directions, averaged over every changed matrix and then over seeds; the reference's
-    spectrum dashed grey in every panel."""
+    """One panel per method (its main series) at one budget (spectrum_budget), a method measured at one budget
+    only (full FT, HFT's half, LISA where its layers cannot meet the smaller budget) at its own: the energy share
+    σᵢ² / ‖ΔW‖²_F of ΔW's top directions, averaged over every changed matrix and then over seeds; the reference
+    method's spectrum dashed grey in every panel."""
     r = _runs(s)
     budget = spectrum_budget(r)
     if budget is None:
         return None
     pal = s.palette
     ref = _reference_method(s.cells)
-    panels = [m for m in sorted(set(r["method"]), key=pal.key)
-              if m != ref and len(r[(r["method"] == m) & (r["budget_fraction"] == budget)])]
     ref_spec = _mean_spectrum(r[r["method"] == ref]["dw_spectrum"]) if ref else np.array([])
-    n_panels = len(panels) + (1 if len(ref_spec) else 0)
-    cols = min(5, n_panels)
-    rows = math.ceil(n_panels / cols)
+    items = [(ref, r[r["method"] == ref])] if len(ref_spec) else []
+    for m in sorted(set(r["method"]) - {ref}, key=pal.key):
+        mr = r[r["method"] == m]
+        at = mr[mr["budget_fraction"] == budget]
+        if len(at) or mr["budget_fraction"].nunique() == 1:
+            items.append((m, at if len(at) else mr))
+    cols = min(5, max(len(items), 1))
+    rows = math.ceil(max(len(items), 1) / cols)
     fig, axes = figure(2.6 * cols + 0.6, 2.3 * rows + 0.9, rows, cols, sharex=True, sharey=True)
-    items = ([(ref, r[r["method"] == ref])] if len(ref_spec) else []) + \
-        [(m, r[(r["method"] == m) & (r["budget_fraction"] == budget)]) for m in panels]
     for ax, (method, mr) in zip(axes.flat, items):
         spec = _mean_spectrum(mr["dw_spectrum"])
         idx = np.arange(1, len(spec) + 1)
@@ -176,8 +181,9 @@ def spectra(s: registry.Setting):
         ax.set_ylabel("σᵢ² / ‖ΔW‖²")
     if not items:
         note(axes[0, 0], "no method measured at a shared budget")
-    fig.suptitle(fit(f"{s.label}: the update's spectrum per method at {fmt_budget(budget)} (mean over changed "
-                     f"matrices and seeds; dashed: {ref or 'no reference'})", fig.get_figwidth()), fontsize=10)
+    fig.suptitle(fit(f"{s.label}: the update's spectrum per method at {fmt_budget(budget)}, a method measured at "
+                     f"one budget only at its own (mean over changed matrices and seeds; dashed: "
+                     f"{ref or 'no reference'})", fig.get_figwidth()), fontsize=10)
     return fig
 
 
@@ -200,7 +206,9 @@ FIGURES = (
         intruders_vs_forgetting),
     registry.Figure(
         "spectra", "The update's spectrum per method",
-        "Each method at one budget (the one most methods measured), full FT at its own: the energy share "
+        "Each method at one budget (the one most of the methods swept over budgets measured; ties: the smaller), "
+        "a method measured at one budget only (full FT, HFT, LISA where it cannot meet the smaller) at its own: the "
+        "energy share "
         "σᵢ²/‖ΔW‖²_F of ΔW's top 32 directions, averaged over the changed matrices and then the seeds (log scale). "
         "A low-rank update falls off a cliff after its rank; a sparse or full update spreads its energy.",
         spectra),
