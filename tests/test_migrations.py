@@ -132,9 +132,14 @@ def test_committed_lisa_and_s2ft_runs_keep_their_ids(name):
 
 
 def test_old_lisa_and_s2ft_files_read_as_the_defaults_that_reproduce_them():
-    """A committed LISA or S2FT file (written before the new keys) reads with the values its run had, so a run
-    made today at the defaults joins its series."""
+    """A committed LISA or S2FT file (results/embedded-sweep's, written before the new keys) reads with the values
+    its run had, so a run made today at the defaults joins its series; a file written with the keys
+    (results/anatomy's) reads as written."""
     for name, added in (("lisa", migrations.LISA_ADDED), ("s2ft", migrations.S2FT_ADDED)):
-        old = json.loads(next(p for p in COMMITTED if p.name.startswith(f"{name}-")).read_text())["config"]
+        def first(study: str) -> dict:
+            return json.loads(next(p for p in COMMITTED if p.name.startswith(f"{name}-")
+                                   and p.is_relative_to(REPO / "results" / study)).read_text())["config"]
+        old, new = first("embedded-sweep"), first("anatomy")
         assert not set(added) & set(old["method"])
         assert migrations.with_legacy_defaults(old)["method"] == {**old["method"], **added}
+        assert set(added) <= set(new["method"]) and migrations.with_legacy_defaults(new)["method"] == new["method"]

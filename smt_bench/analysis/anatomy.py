@@ -153,7 +153,7 @@ def spectra(s: registry.Setting):
     pal = s.palette
     ref = _reference_method(s.cells)
     ref_spec = _mean_spectrum(r[r["method"] == ref]["dw_spectrum"]) if ref else np.array([])
-    items = [(ref, r[r["method"] == ref])] if len(ref_spec) else []
+    items: list[tuple[str, pd.DataFrame]] = [(ref, r[r["method"] == ref])] if ref and len(ref_spec) else []
     for m in sorted(set(r["method"]) - {ref}, key=pal.key):
         mr = r[r["method"] == m]
         at = mr[mr["budget_fraction"] == budget]
